@@ -1,0 +1,77 @@
+"""Where the embedded stack keeps its state, and how every part finds it.
+
+One folder (``./.selfsup`` unless ``SELFSUP_HOME`` says otherwise) holds everything:
+the job store, MLflow's database and artifacts, Ray Train's run storage, the stack's
+address file and logs. The CLI finds it with no flags, so commands run in the same folder
+see the same jobs and encoders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+HOME_ENV = "SELFSUP_HOME"
+DEFAULT_HOME = ".selfsup"
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    root: Path
+
+    @classmethod
+    def discover(cls, explicit: str | os.PathLike[str] | None = None) -> StatePaths:
+        chosen = explicit or os.environ.get(HOME_ENV) or DEFAULT_HOME
+        return cls(Path(chosen).expanduser().resolve())
+
+    @property
+    def store_url(self) -> str:
+        return f"sqlite:///{self.root / 'jobs.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def runs(self) -> Path:
+        """Ray Train's storage_path: checkpoints live at runs/<job id>/."""
+        return self.root / "runs"
+
+    @property
+    def jobs(self) -> Path:
+        """Per-job files the driver reads (jobs/<job id>/job.json)."""
+        return self.root / "jobs"
+
+    @property
+    def stack_file(self) -> Path:
+        return self.root / "stack.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What `selfsup up` wrote: how to reach the running Ray head and how big it is."""
+
+    ray_address: str
+    dashboard_url: str
+    head_pid: int
+    num_cpus: float
+    num_gpus: float
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> StackInfo | None:
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text()))

@@ -1,0 +1,62 @@
+"""The controller's view of Ray: jobs run as Ray Jobs (submission id = job id), so the
+controller can exit and come back without killing them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+
+class RayJobPhase(enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    MISSING = "MISSING"  # Ray has never heard of it (or forgot it after a restart)
+
+
+@dataclass(frozen=True)
+class RayJobView:
+    phase: RayJobPhase
+    message: str
+
+
+class RayJobs:
+    def __init__(self, dashboard_url: str) -> None:
+        self.client = JobSubmissionClient(dashboard_url)
+
+    def submit(self, job_id: str, entrypoint: str, env: dict[str, str]) -> None:
+        phase = self.view(job_id).phase
+        if phase in (RayJobPhase.PENDING, RayJobPhase.RUNNING):
+            return  # already submitted by an earlier, interrupted call: submitting is idempotent
+        if phase is not RayJobPhase.MISSING:
+            # A finished earlier attempt holds the id; its logs go, its checkpoints stay.
+            self.client.delete_job(job_id)
+        self.client.submit_job(
+            entrypoint=entrypoint, submission_id=job_id, runtime_env={"env_vars": env}
+        )
+
+    def view(self, job_id: str) -> RayJobView:
+        try:
+            info = self.client.get_job_info(job_id)
+        except RuntimeError as error:
+            if "does not exist" in str(error) or "404" in str(error):
+                return RayJobView(RayJobPhase.MISSING, "")
+            raise
+        phase = {
+            JobStatus.PENDING: RayJobPhase.PENDING,
+            JobStatus.RUNNING: RayJobPhase.RUNNING,
+            JobStatus.SUCCEEDED: RayJobPhase.SUCCEEDED,
+            JobStatus.FAILED: RayJobPhase.FAILED,
+            JobStatus.STOPPED: RayJobPhase.STOPPED,
+        }[info.status]
+        return RayJobView(phase, info.message or "")
+
+    def stop(self, job_id: str) -> None:
+        self.client.stop_job(job_id)
+
+    def logs(self, job_id: str) -> str:
+        return self.client.get_job_logs(job_id)

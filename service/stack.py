@@ -1,0 +1,139 @@
+"""`selfsup up` / `selfsup down`: the embedded stack on one machine.
+
+A Ray head (with its dashboard, which serves the Ray Jobs API) runs as a detached process
+group; MLflow and the job store are SQLite files in the state folder and need no process.
+Every port is chosen free at start, so two state folders never collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from service.config import StackInfo, StatePaths
+
+STARTUP_TIMEOUT_S = 90.0
+SHUTDOWN_TIMEOUT_S = 30.0
+
+
+class StackError(Exception):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dashboard_up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def running_stack(paths: StatePaths) -> StackInfo | None:
+    """The stack recorded in the state folder, if its head is alive and answering."""
+    stack = StackInfo.load(paths.stack_file)
+    if stack and _alive(stack.head_pid) and _dashboard_up(stack.dashboard_url):
+        return stack
+    return None
+
+
+def up(paths: StatePaths, num_cpus: float | None = None, num_gpus: float = 0) -> StackInfo:
+    """Start the stack for ``paths`` (or return the one already running)."""
+    existing = running_stack(paths)
+    if existing:
+        return existing
+    paths.stack_file.unlink(missing_ok=True)
+    for folder in (paths.root, paths.logs, paths.runs, paths.jobs, paths.artifacts):
+        folder.mkdir(parents=True, exist_ok=True)
+    cpus = num_cpus if num_cpus is not None else float(os.cpu_count() or 1)
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    command = [
+        ray_cli,
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--num-cpus={cpus:g}",
+        f"--num-gpus={num_gpus:g}",
+        "--include-dashboard=true",
+    ]
+    log = (paths.logs / "ray-head.log").open("ab")
+    # Its own session, so that the head outlives this command and `down` can find its group.
+    head = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=paths.root,
+    )
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not _dashboard_up(dashboard_url):
+        if head.poll() is not None or time.monotonic() > deadline:
+            _stop_group(head.pid)
+            raise StackError(f"the Ray head did not start (see {paths.logs / 'ray-head.log'})")
+        time.sleep(0.5)
+    stack = StackInfo(
+        ray_address=f"127.0.0.1:{gcs_port}",
+        dashboard_url=dashboard_url,
+        head_pid=head.pid,
+        num_cpus=cpus,
+        num_gpus=float(num_gpus),
+    )
+    stack.save(paths.stack_file)
+    return stack
+
+
+def _stop_group(head_pid: int) -> None:
+    # SIGTERM to `ray start` alone lets it drain and stop its children in order (a few
+    # seconds); signalling the whole group at once makes it wait for a GCS that is gone.
+    try:
+        os.kill(head_pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+    while _alive(head_pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(head_pid, os.WNOHANG)
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head_pid, signal.SIGKILL)
+
+
+def down(paths: StatePaths) -> bool:
+    """Stop the stack; False if none was running. Jobs, runs and models stay on disk."""
+    stack = StackInfo.load(paths.stack_file)
+    if stack is None:
+        return False
+    _stop_group(stack.head_pid)
+    paths.stack_file.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,128 @@
+"""The control plane's use of MLflow: one run per job, progress read back, and the registry.
+
+No torch here: MLflow's client alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipelines import tags
+from pipelines.spec import JobSpec
+
+EXPERIMENT = "selfsup"
+# A client whose server is gone would otherwise retry for minutes before failing.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+class TrackingError(Exception):
+    """A registry or tracking lookup that failed; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    epoch: int | None
+    step: int | None
+    loss: float | None
+    samples_per_sec: float | None
+
+
+@dataclass(frozen=True)
+class ModelVersionView:
+    name: str
+    version: str
+    aliases: list[str]
+    run_id: str | None
+    tags: dict[str, str]
+    created_at_ms: int
+
+
+class Tracking:
+    def __init__(self, tracking_uri: str, artifact_root: Path | None = None) -> None:
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.artifact_root = artifact_root
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = self.artifact_root.as_uri() if self.artifact_root else None
+        try:
+            return self.client.create_experiment(EXPERIMENT, artifact_location=location)
+        except MlflowException:  # created meanwhile by another process
+            return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+    def create_job_run(self, job_id: str, spec: JobSpec) -> str:
+        run = self.client.create_run(
+            self._experiment_id(),
+            run_name=job_id,
+            tags={
+                tags.JOB_ID: job_id,
+                "selfsup.spec_name": spec.name,
+                "selfsup.method": spec.method.name,
+                "selfsup.config_hash": spec.config_hash(),
+                "selfsup.dataset": spec.data.source,
+            },
+        )
+        run_id = run.info.run_id
+        params = spec.flat_params()
+        keys = sorted(params)
+        for start in range(0, len(keys), 100):
+            chunk = [Param(key, params[key][:6000]) for key in keys[start : start + 100]]
+            self.client.log_batch(run_id, params=chunk)
+        return run_id
+
+    def run_url_hint(self, run_id: str) -> str:
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+    def progress(self, run_id: str) -> Progress:
+        metrics = self.client.get_run(run_id).data.metrics
+        return Progress(
+            epoch=int(metrics["train.epoch"]) if "train.epoch" in metrics else None,
+            step=int(metrics["train.step"]) if "train.step" in metrics else None,
+            loss=metrics.get("train.loss"),
+            samples_per_sec=metrics.get("train.samples_per_sec"),
+        )
+
+    def run_metrics_and_tags(self, run_id: str) -> tuple[dict[str, float], dict[str, str]]:
+        data = self.client.get_run(run_id).data
+        return dict(data.metrics), dict(data.tags)
+
+    def mark_run(self, run_id: str, status: RunStatus) -> None:
+        run = self.client.get_run(run_id)
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            self.client.set_terminated(run_id, status=RunStatus.to_string(status))
+
+    # ---- registry -------------------------------------------------------------------------
+
+    def model_versions(self, name: str | None = None) -> list[ModelVersionView]:
+        query = f"name='{name}'" if name else ""
+        try:
+            versions = self.client.search_model_versions(query)
+        except MlflowException as error:
+            raise TrackingError(f"cannot read the model registry at {self.uri}: {error}") from None
+        aliases: dict[tuple[str, str], list[str]] = {}
+        for model_name in {version.name for version in versions}:
+            for alias, version in self.client.get_registered_model(model_name).aliases.items():
+                aliases.setdefault((model_name, str(version)), []).append(alias)
+        views = [
+            ModelVersionView(
+                name=version.name,
+                version=str(version.version),
+                aliases=sorted(aliases.get((version.name, str(version.version)), [])),
+                run_id=version.run_id,
+                tags=dict(version.tags),
+                created_at_ms=version.creation_timestamp,
+            )
+            for version in versions
+        ]
+        return sorted(views, key=lambda view: (view.name, int(view.version)))

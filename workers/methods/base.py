@@ -1,0 +1,69 @@
+"""The one small interface every method implements, and the registry of methods by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from workers.augment import Augment
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (n, C, H, W) this rank's clean images, on the training device
+    indices: torch.Tensor  # (n,) dataset indices, for methods that keep per-sample state
+    step: int  # global optimizer step, seeds the augmentations
+    augment: Augment
+
+    def view(self, number: int) -> torch.Tensor:
+        return self.augment(self.images, self.step, number)
+
+
+class Method(nn.Module):
+    """A self-supervised method: owns its networks and state, trains through ``forward``.
+
+    ``forward`` is the training step so that DDP sees it and synchronises gradients.
+    All state a resumed run needs (queues, banks, momentum encoders) lives in registered
+    buffers and submodules, so ``state_dict`` covers it.
+    """
+
+    name: ClassVar[str]
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Return at least ``{"loss": scalar}``; other entries are logged as metrics."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Updates that follow the optimizer (momentum encoders, queues); none by default."""
+
+    def encoder(self) -> nn.Module:
+        """The network a downstream classifier uses; what the registry stores."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    def register(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return register
+
+
+def build_method(params: dict[str, Any], backbone: nn.Module, feature_dim: int) -> Method:
+    """Build the method named by ``params["name"]`` around ``backbone``."""
+    options = {key: value for key, value in params.items() if key != "name"}
+    try:
+        cls = METHODS[params["name"]]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {params['name']!r}; known: {', '.join(METHODS)}"
+        ) from None
+    return cls(backbone=backbone, feature_dim=feature_dim, **options)
