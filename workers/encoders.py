@@ -1,26 +1,43 @@
 """Encoders: the networks a downstream classifier uses as feature extractors.
 
-An encoder is rebuilt from a small JSON-able config (``EncoderConfig``), so a registered
-encoder is a config plus a state dict: no pickle needed to load it.
+Every encoder class is registered under an arch name and built from JSON-able keyword
+arguments; it keeps them as ``self.config`` (``{"arch": name, **kwargs}``). A registered
+encoder is therefore that config plus a state dict: no pickle is needed to load it, and a
+method whose encoder is not a plain backbone (a FISTA solver with a learned dictionary, a
+projection) registers its own arch the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+EncoderConfig = dict[str, Any]  # {"arch": name, **constructor kwargs}
+ARCHITECTURES: dict[str, type[nn.Module]] = {}
 
-@dataclass(frozen=True)
-class EncoderConfig:
-    arch: str
-    in_channels: int
-    image_size: int
-    out_dim: int
 
-    def to_dict(self) -> dict[str, int | str]:
-        return asdict(self)
+def register_encoder(arch: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    def register(cls: type[nn.Module]) -> type[nn.Module]:
+        ARCHITECTURES[arch] = cls
+        return cls
+
+    return register
+
+
+def build_encoder(config: EncoderConfig) -> nn.Module:
+    """Build the encoder a config describes and remember the config on it."""
+    options = {key: value for key, value in config.items() if key != "arch"}
+    try:
+        architecture = ARCHITECTURES[config["arch"]]
+    except KeyError:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(f"unknown encoder arch {config.get('arch')!r}; known: {known}") from None
+    encoder = architecture(**options)
+    encoder.config = {"arch": config["arch"], **options}
+    return encoder
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -31,39 +48,32 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+@register_encoder("small-convnet")
 class SmallConvNet(nn.Module):
-    """Three conv blocks, two 2x poolings, then a linear map to ``out_dim`` features.
+    """Three conv blocks, one 2x pooling, then a linear map to ``out_dim`` features.
 
     The last spatial map is pooled to 2x2 rather than 1x1: on 8x8 digits *where* a stroke
     sits is much of the signal, and a global average would throw it away.
     Shapes: (B, C, H, W) -> (B, out_dim).
     """
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, in_channels: int, image_size: int, out_dim: int) -> None:
         super().__init__()
-        self.config = config
+        self.out_dim = out_dim
         self.features = nn.Sequential(
-            _conv_block(config.in_channels, 32),
+            _conv_block(in_channels, 32),
             _conv_block(32, 64),
-            nn.MaxPool2d(2),
+            nn.MaxPool2d(2) if image_size >= 4 else nn.Identity(),
             _conv_block(64, 128),
             nn.AdaptiveAvgPool2d(2),
             nn.Flatten(),
         )
-        self.project = nn.Linear(128 * 4, config.out_dim)
+        self.project = nn.Linear(128 * 4, out_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.project(self.features(images))
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"small-convnet": SmallConvNet}
-
-
-def build_encoder(config: EncoderConfig) -> nn.Module:
-    try:
-        architecture = ARCHITECTURES[config.arch]
-    except KeyError:
-        raise ValueError(
-            f"unknown encoder arch {config.arch!r}; known: {', '.join(ARCHITECTURES)}"
-        ) from None
-    return architecture(config)
+def backbone_config(arch: str, in_channels: int, image_size: int, out_dim: int) -> EncoderConfig:
+    """The config of a backbone built from the spec's ``encoder`` section and the data."""
+    return {"arch": arch, "in_channels": in_channels, "image_size": image_size, "out_dim": out_dim}

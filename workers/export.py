@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from workers.encoders import EncoderConfig, build_encoder
+from workers.encoders import build_encoder
 
 CONFIG_FILE = "encoder.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -26,13 +26,14 @@ class EncoderLoadError(Exception):
     """The folder does not hold a loadable encoder; the message says what is wrong."""
 
 
-def save_encoder(directory: Path, encoder: nn.Module, config: EncoderConfig) -> None:
+def save_encoder(directory: Path, encoder: nn.Module) -> None:
+    """Write ``encoder`` (built by ``build_encoder``, so it carries ``.config``)."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {
         name: tensor.detach().cpu().contiguous() for name, tensor in encoder.state_dict().items()
     }
     save_file(tensors, str(directory / WEIGHTS_FILE))
-    document = {"format_version": FORMAT_VERSION, **config.to_dict()}
+    document = {"format_version": FORMAT_VERSION, **encoder.config}
     (directory / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
 
 
@@ -57,8 +58,7 @@ def load_encoder_dir(root: Path) -> nn.Module:
                 f"{directory / CONFIG_FILE}: format_version {version}, this selfsup reads "
                 f"{FORMAT_VERSION}"
             )
-        config = EncoderConfig(**document)
-        encoder = build_encoder(config)
+        encoder = build_encoder(document)
         encoder.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     except EncoderLoadError:
         raise

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from workers import dist
 from workers.augment import build_augment
 from workers.data import load_dataset, split_indices
-from workers.encoders import EncoderConfig, build_encoder
+from workers.encoders import backbone_config, build_encoder
 from workers.export import save_encoder
 from workers.methods import Batch, Method, build_method
 from workers.tracking import RunLogger
@@ -29,6 +29,8 @@ REFERENCE_FILE = "reference.safetensors"
 # How many held-out images the final checkpoint keeps with their features, so that a loaded
 # encoder can be checked against the one that finished training.
 REFERENCE_IMAGES = 32
+# Training samples handed to Method.figures at the end of training.
+FIGURE_SAMPLES = 512
 
 
 def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -51,13 +53,12 @@ def _optimizer(train: dict[str, Any], model: torch.nn.Module) -> torch.optim.Opt
 def _save_checkpoint(
     directory: Path,
     method: Method,
-    encoder_config: EncoderConfig,
     state: dict[str, Any],
     reference_images: torch.Tensor | None,
 ) -> None:
     torch.save({"method": method.state_dict(), **state}, directory / STATE_FILE)
     encoder = method.encoder()
-    save_encoder(directory / ENCODER_DIR, encoder, encoder_config)
+    save_encoder(directory / ENCODER_DIR, encoder)
     if reference_images is not None:
         was_training = encoder.training
         encoder.eval()
@@ -103,13 +104,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "training images: no full batch can be formed"
         )
 
-    encoder_config = EncoderConfig(
-        arch=spec["encoder"]["arch"],
-        in_channels=dataset.in_channels,
-        image_size=dataset.image_size,
-        out_dim=spec["encoder"]["out_dim"],
+    encoder_config = backbone_config(
+        spec["encoder"]["arch"], dataset.in_channels, dataset.image_size, spec["encoder"]["out_dim"]
     )
-    method = build_method(spec["method"], build_encoder(encoder_config), encoder_config.out_dim)
+    method = build_method(
+        spec["method"], build_encoder(encoder_config), encoder_config["out_dim"], len(train_images)
+    )
     model = ray.train.torch.prepare_model(method)
     optimizer = _optimizer(train, model)
     total_steps = train["epochs"] * len(loader)
@@ -192,7 +192,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _save_checkpoint(
                     Path(directory),
                     method,
-                    encoder_config,
                     state,
                     reference_images if last else None,
                 )
@@ -206,3 +205,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     step=global_step,
                 )
             ray.train.report(metrics, checkpoint=report_checkpoint)
+    if logger:
+        _log_figures(logger, method, train_images[:FIGURE_SAMPLES].to(device))
+
+
+def _log_figures(logger: RunLogger, method: Method, data: torch.Tensor) -> None:
+    was_training = method.training
+    method.eval()
+    with torch.no_grad():
+        figures = method.figures(data)
+    method.train(was_training)
+    for name, image in figures.items():
+        logger.log_image(image, f"figures/{name}")

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,8 +42,15 @@ class Method(nn.Module):
         """Updates that follow the optimizer (momentum encoders, queues); none by default."""
 
     def encoder(self) -> nn.Module:
-        """The network a downstream classifier uses; what the registry stores."""
+        """The network a downstream classifier uses; what the registry stores. It must be
+        built by ``workers.encoders.build_encoder`` so that it carries its ``config``."""
         raise NotImplementedError
+
+    def figures(self, data: torch.Tensor) -> dict[str, np.ndarray]:
+        """Pictures for the job's MLflow run at the end of training, as ``file name -> HxWx3
+        uint8 image`` (dictionaries, reconstructions, energy landscapes). ``data`` is a
+        sample of training data on the method's device. None by default."""
+        return {}
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -57,8 +65,14 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return register
 
 
-def build_method(params: dict[str, Any], backbone: nn.Module, feature_dim: int) -> Method:
-    """Build the method named by ``params["name"]`` around ``backbone``."""
+def build_method(
+    params: dict[str, Any], backbone: nn.Module, feature_dim: int, num_samples: int
+) -> Method:
+    """Build the method named by ``params["name"]`` around ``backbone``.
+
+    Every method's constructor takes ``backbone``, ``feature_dim`` (the backbone's output
+    width) and ``num_samples`` (the training set's size, for per-sample state such as a
+    memory bank), then its own spec parameters as keywords."""
     options = {key: value for key, value in params.items() if key != "name"}
     try:
         cls = METHODS[params["name"]]
@@ -66,4 +80,4 @@ def build_method(params: dict[str, Any], backbone: nn.Module, feature_dim: int) 
         raise ValueError(
             f"unknown method {params['name']!r}; known: {', '.join(METHODS)}"
         ) from None
-    return cls(backbone=backbone, feature_dim=feature_dim, **options)
+    return cls(backbone=backbone, feature_dim=feature_dim, num_samples=num_samples, **options)

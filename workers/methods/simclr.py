@@ -25,6 +25,7 @@ class SimCLR(Method):
         self,
         backbone: nn.Module,
         feature_dim: int,
+        num_samples: int,
         temperature: float,
         projection_dim: int,
         hidden_dim: int,
