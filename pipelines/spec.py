@@ -223,10 +223,15 @@ _SpecLoader.add_implicit_resolver(
 )
 
 
+def read_yaml(text: str) -> Any:
+    """YAML text -> Python values, safely, with ``1e-3`` read as a float."""
+    return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_spec_text(text: str) -> JobSpec:
     """Parse and validate YAML text. Any problem, YAML syntax included, is a SpecError."""
     try:
-        document = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+        document = read_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

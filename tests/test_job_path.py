@@ -1,0 +1,153 @@
+"""The spine end to end through the real CLI: spec -> controller -> Ray Job -> Ray Train
+(2 gloo workers) -> MLflow run -> evaluation -> Model Registry -> selfsup.load_encoder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+import selfsup
+from pipelines.spec import read_yaml
+from tests.conftest import Stack
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "simclr-digits.yaml"
+STEPS_PER_EPOCH = 5  # 1347 training digits // global batch 256
+
+
+def write_spec(tmp_path: Path, name: str, **train: object) -> Path:
+    document = read_yaml(EXAMPLE.read_text())
+    document["name"] = name
+    document["train"].update(train)
+    document["register"] = {"model": name, "alias": "candidate"}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(document))  # JSON is YAML
+    return path
+
+
+def job_json(stack: Stack, job_id: str) -> dict:
+    return json.loads(stack.cli("job", "status", job_id, "-o", "json", check=True).stdout)
+
+
+@pytest.fixture(scope="module")
+def finished_job(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    spec = write_spec(tmp_path_factory.mktemp("spec"), "spine-digits", epochs=3)
+    result = stack.cli("job", "submit", str(spec), "--wait", check=True)
+    assert "epoch" in result.stdout and "loss" in result.stdout  # --wait showed progress
+    job_id = result.stdout.split()[1]
+    return job_json(stack, job_id)
+
+
+def test_job_succeeds_and_reports_all_three_accuracies(finished_job: dict) -> None:
+    assert finished_job["state"] == "SUCCEEDED", finished_job["message"]
+    result = finished_job["result"]
+    for key in ("eval.linear.top1", "baseline.raw.linear.top1", "baseline.random.linear.top1"):
+        assert 0.5 < result[key] <= 1.0, (key, result)
+    assert result["model_name"] == "spine-digits" and result["model_alias"] == "candidate"
+
+
+def test_one_id_everywhere(stack: Stack, finished_job: dict) -> None:
+    job_id = finished_job["id"]
+    client = MlflowClient(stack.tracking_uri)
+    run = client.get_run(finished_job["mlflow_run_id"])
+    assert run.info.run_name == job_id
+    assert run.data.tags["selfsup.job_id"] == job_id
+    assert run.info.status == "FINISHED"
+    assert (stack.home / "runs" / job_id).is_dir()  # Ray Train's run name is the job id
+    listed = json.loads(stack.cli("job", "list", "-o", "json", check=True).stdout)
+    assert job_id in [job["id"] for job in listed]
+
+
+def test_run_tracks_spec_loss_lr_and_throughput(stack: Stack, finished_job: dict) -> None:
+    client = MlflowClient(stack.tracking_uri)
+    run = client.get_run(finished_job["mlflow_run_id"])
+    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["method.name"] == "simclr"
+    losses = client.get_metric_history(run.info.run_id, "train.loss")
+    assert [metric.step for metric in losses] == [5, 10, 15]
+    assert all(metric.value > 0 for metric in losses)
+    assert client.get_metric_history(run.info.run_id, "train.lr")
+    assert run.data.metrics["train.samples_per_sec"] > 0
+    assert run.data.metrics["eval.linear.top1"] == finished_job["result"]["eval.linear.top1"]
+
+
+def test_registered_encoder_reproduces_end_of_training_features(
+    stack: Stack, finished_job: dict
+) -> None:
+    run_dir = stack.home / "runs" / finished_job["id"]
+    (reference_file,) = run_dir.glob("checkpoint_*/reference.safetensors")
+    reference = load_file(str(reference_file))
+    encoder = selfsup.load_encoder(
+        "models:/spine-digits@candidate", tracking_uri=stack.tracking_uri
+    )
+    assert not encoder.training
+    with torch.no_grad():
+        features = encoder(reference["images"])
+    torch.testing.assert_close(features, reference["features"], rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_list_and_get(stack: Stack, finished_job: dict, tmp_path: Path) -> None:
+    listed = json.loads(stack.cli("encoder", "list", "-o", "json", check=True).stdout)
+    versions = [row for row in listed if row["name"] == "spine-digits"]
+    assert versions and versions[-1]["aliases"] == "candidate"
+    assert versions[-1]["job_id"] == finished_job["id"]
+    out = tmp_path / "enc"
+    stack.cli("encoder", "get", "spine-digits@candidate", "-o", str(out), check=True)
+    from_folder = selfsup.load_encoder(out)
+    from_registry = selfsup.load_encoder("models:/spine-digits@candidate", stack.tracking_uri)
+    probe = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(from_folder(probe), from_registry(probe))
+    missing = stack.cli("encoder", "get", "no-such-model@candidate", "-o", str(tmp_path / "x"))
+    assert missing.returncode == 3 and "no-such-model" in missing.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_invalid_spec_is_refused_and_nothing_is_stored(stack: Stack, tmp_path: Path) -> None:
+    before_jobs = stack.cli("job", "list", "-o", "json", check=True).stdout
+    client = MlflowClient(stack.tracking_uri)
+    before_runs = len(client.search_runs(client.search_experiments()[0].experiment_id))
+    bad = write_spec(tmp_path, "bad-spec", batch_size=255)
+    result = stack.cli("job", "submit", str(bad))
+    assert result.returncode == 2
+    assert "train.batch_size" in result.stderr and "Traceback" not in result.stderr
+    assert stack.cli("job", "list", "-o", "json", check=True).stdout == before_jobs
+    assert len(client.search_runs(client.search_experiments()[0].experiment_id)) == before_runs
+
+
+def test_killed_job_resumes_from_its_checkpoint(stack: Stack, tmp_path: Path) -> None:
+    epochs = 40
+    spec = write_spec(tmp_path, "resume-digits", epochs=epochs)
+    submitted = json.loads(stack.cli("job", "submit", str(spec), "-o", "json", check=True).stdout)
+    job_id = submitted["id"]
+    run_dir = stack.home / "runs" / job_id
+    deadline = time.monotonic() + 240
+    while not list(run_dir.glob("checkpoint_*/state.pt")):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        stack.cli("job", "status", job_id)  # one controller turn
+        time.sleep(0.3)
+    stack.cli("job", "cancel", job_id, check=True)
+    assert job_json(stack, job_id)["state"] == "CANCELLED"
+
+    retried_at_ms = time.time() * 1000
+    stack.cli("job", "retry", job_id, "--wait", check=True)
+    finished = job_json(stack, job_id)
+    assert finished["state"] == "SUCCEEDED" and finished["attempts"] == 2
+
+    client = MlflowClient(stack.tracking_uri)
+    run_id = finished["mlflow_run_id"]
+    (resumed,) = client.get_metric_history(run_id, "train.resumed_from_epoch")
+    resumed_epoch = int(resumed.value)
+    assert 0 <= resumed_epoch < epochs - 1, "the kill came too late to test a resume"
+    after = [
+        m.step
+        for m in client.get_metric_history(run_id, "train.step")
+        if m.timestamp >= retried_at_ms
+    ]
+    # Steps continue from the checkpoint's count instead of restarting at zero.
+    assert min(after) == (resumed_epoch + 2) * STEPS_PER_EPOCH
+    assert max(after) == epochs * STEPS_PER_EPOCH
