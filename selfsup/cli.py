@@ -1,7 +1,7 @@
 """The `selfsup` command line: noun-verb commands over the embedded stack's state folder.
 
 Exit codes: 0 success, 1 the job failed, 2 usage or validation error (or no stack),
-3 not found.
+3 not found, 4 refused (an encoder promotion that would make the alias worse).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ from typing import Any
 from pipelines.spec import SpecError
 from service.config import StatePaths
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3, 4
 WAIT_POLL_S = 2.0
 
 
@@ -194,9 +193,20 @@ def _print_status(job: Any, output: str) -> None:
     ):
         print(f"{key + ':':15}{_cell(row[key])}")
     if row["result"]:
-        print("result:")
-        for key, value in sorted(row["result"].items()):
-            print(f"  {key:32}{_cell(value)}")
+        _print_result(row["result"])
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    """Evaluation metrics as one compact table; anything else (the model) as lines."""
+    from service.results import results_table
+
+    table = results_table(result)
+    print("result:")
+    for key, value in sorted(result.items()):
+        if not (table and key.startswith(("eval.", "baseline."))):
+            print(f"  {key + ':':15}{_cell(value)}")
+    if table:
+        print("\n".join(table))
 
 
 def cmd_job_list(args: argparse.Namespace) -> int:
@@ -237,83 +247,132 @@ def cmd_job_logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_encoder_list(args: argparse.Namespace) -> int:
-    from service.tracking import Tracking
+def _tracking_uri(args: argparse.Namespace) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or StatePaths.discover(args.home).tracking_uri
 
-    paths = StatePaths.discover(args.home)
-    tracking = Tracking(os.environ.get("MLFLOW_TRACKING_URI") or paths.tracking_uri)
+
+def cmd_encoder_list(args: argparse.Namespace) -> int:
+    from service.registry import Registry
+    from service.results import cell, column_title, protocols_in
+
+    views = Registry(_tracking_uri(args)).versions(args.name)
+    if args.output == "json":
+        print(json.dumps([{**view.__dict__} for view in views], indent=2))
+        return EXIT_OK
+    protocols = protocols_in(key for view in views for key in view.tags)
     rows = [
         {
             "name": view.name,
             "version": view.version,
             "aliases": ",".join(view.aliases) or "-",
-            "job_id": view.tags.get("selfsup.job_id"),
             "method": view.tags.get("selfsup.method"),
-            "linear_top1": view.tags.get("eval.linear.top1"),
+            "dataset": view.tags.get("selfsup.dataset"),
+            **{column_title(protocol): cell(view.tags, "eval", protocol) for protocol in protocols},
+            "job": view.tags.get("selfsup.job_id"),
             "created": datetime.fromtimestamp(view.created_at_ms / 1000).astimezone(),
-            "tags": view.tags,
         }
-        for view in tracking.model_versions(args.name)
+        for view in views
     ]
-    if args.name and not rows:
-        raise CliError(f"no registered encoder named {args.name!r}", EXIT_NOT_FOUND)
-    _print_rows(
-        rows,
-        args.output,
-        ["name", "version", "aliases", "job_id", "method", "linear_top1", "created"],
-    )
+    columns = ["name", "version", "aliases", "method", "dataset"]
+    _print_rows(rows, "table", [*columns, *map(column_title, protocols), "job", "created"])
     return EXIT_OK
 
 
 def cmd_encoder_get(args: argparse.Namespace) -> int:
-    import mlflow
+    from pipelines.registry import EXAMPLE_FILE, write_encoder_folder
+    from service.registry import Registry, parse_reference
+    from workers.export import EncoderLoadError
 
-    paths = StatePaths.discover(args.home)
-    uri = _model_uri(args.reference)
-    tracking = os.environ.get("MLFLOW_TRACKING_URI") or paths.tracking_uri
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
+    tracking = _tracking_uri(args)
+    reference = parse_reference(args.reference)
+    view = Registry(tracking).resolve(reference)
     destination = Path(args.output_dir)
-    if destination.exists() and any(destination.iterdir()):
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise CliError(f"{destination} exists and is not empty: choose a new folder", EXIT_USAGE)
-    staging = destination.with_name(destination.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging))
-    except Exception as error:  # noqa: BLE001 - any registry failure is reported, not raised
-        shutil.rmtree(staging, ignore_errors=True)
-        message = getattr(error, "message", str(error))
-        raise CliError(f"cannot get {args.reference}: {message}", EXIT_NOT_FOUND) from None
-    (staging / "README.md").write_text(_encoder_readme(args.reference, uri))
     if destination.exists():
         destination.rmdir()
-    staging.rename(destination)
-    print(f"wrote {args.reference} to {destination}")
+    try:
+        write_encoder_folder(reference, view, tracking, destination)
+    except EncoderLoadError as error:
+        raise CliError(f"cannot get {reference}: {error}", EXIT_USAGE) from None
+    print(f"wrote {reference} (version {view.version}) to {destination}")
+    print(f"  load it: selfsup.load_encoder({str(destination)!r}); example: {EXAMPLE_FILE}")
     return EXIT_OK
 
 
-def _model_uri(reference: str) -> str:
-    """NAME@ALIAS or NAME/VERSION (or a models:/ URI) -> models:/ URI."""
-    if reference.startswith("models:/"):
-        return reference
-    if "@" in reference or "/" in reference:
-        return f"models:/{reference}"
-    raise CliError(f"{reference!r}: give NAME@ALIAS or NAME/VERSION", EXIT_USAGE)
+def cmd_encoder_promote(args: argparse.Namespace) -> int:
+    from service.registry import Registry
 
-
-def _encoder_readme(reference: str, uri: str) -> str:
-    return (
-        f"# selfsup encoder {reference}\n\n"
-        f"Fetched from the model registry as `{uri}`. The encoder is `encoder.json` (its\n"
-        "architecture) plus `weights.safetensors` (its tensors), under `data/`; loading runs no\n"
-        "pickle.\n\n"
-        "```python\n"
-        "import selfsup\n"
-        "encoder = selfsup.load_encoder('PATH/TO/THIS/FOLDER')  # nn.Module in eval mode\n"
-        "features = encoder(images)  # images: float tensor (N, C, H, W) in [0, 1]\n"
-        "```\n"
+    promotion = Registry(_tracking_uri(args)).promote(
+        args.name, args.version, args.alias, args.metric, force=args.force
     )
+
+    def described(version: str | None, value: float | None) -> str:
+        if version is None:
+            return "nothing"
+        return f"version {version} ({promotion.metric} " + (
+            "not recorded)" if value is None else f"{value:.4f})"
+        )
+
+    print(
+        f"{promotion.name}@{promotion.alias} -> "
+        f"{described(promotion.version, promotion.value)}, was "
+        f"{described(promotion.previous_version, promotion.previous_value)}"
+        + (" [forced]" if promotion.forced else "")
+    )
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipelines.eval_run import EvaluationRequestError, evaluate_as_run, open_encoder
+    from service.results import results_table
+    from service.tracking import Tracking
+    from workers.export import EncoderLoadError
+
+    tracking_uri = _tracking_uri(args)
+    artifacts = (
+        None if os.environ.get("MLFLOW_TRACKING_URI") else StatePaths.discover(args.home).artifacts
+    )
+    protocols = list(dict.fromkeys(args.protocol or ["linear"]))
+    try:
+        source = open_encoder(args.encoder, tracking_uri)
+        run_id, evaluation = evaluate_as_run(
+            source,
+            Tracking(tracking_uri, artifacts),
+            protocols,
+            data=args.data,
+            test_fraction=args.test_fraction,
+            split_seed=args.split_seed,
+            baselines=not args.no_baselines,
+        )
+    except (EncoderLoadError, EvaluationRequestError) as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    split = {
+        key: evaluation.split[key] for key in ("source", "test_fraction", "split_seed", "digest")
+    }
+    split |= {
+        "train_size": len(evaluation.split["train"]),
+        "test_size": len(evaluation.split["test"]),
+    }
+    if args.output == "json":
+        document = {
+            "run_id": run_id,
+            "encoder": source.label,
+            "model_name": source.name,
+            "model_version": source.version,
+            "protocols": protocols,
+            "split": split,
+            "metrics": evaluation.metrics,
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_OK
+    print(f"evaluated {source.label} on {split['source']}: MLflow run {run_id}")
+    print(
+        f"  split: test_fraction {split['test_fraction']}, seed {split['split_seed']}, "
+        f"{split['train_size']} train / {split['test_size']} test, digest {split['digest']}"
+    )
+    print("\n".join(results_table(evaluation.metrics)))
+    return EXIT_OK
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -383,15 +442,47 @@ def _parser() -> argparse.ArgumentParser:
     listing = add(verbs, "list", cmd_encoder_list, "list registered encoder versions")
     listing.add_argument("name", nargs="?")
     output(listing)
-    get = add(verbs, "get", cmd_encoder_get, "write an encoder to a folder")
+    get = add(verbs, "get", cmd_encoder_get, "write an encoder to a self-contained folder")
     get.add_argument("reference", help="NAME@ALIAS or NAME/VERSION")
     get.add_argument("-o", "--output-dir", required=True)
+    promote = add(
+        verbs, "promote", cmd_encoder_promote, "point an alias at a version if it is not worse"
+    )
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--alias", default="champion")
+    promote.add_argument(
+        "--metric", default="eval.linear.top1", help="compared with the alias's current version"
+    )
+    promote.add_argument("--force", action="store_true", help="promote even if it is worse")
+
+    evaluate = add(
+        nouns, "eval", cmd_eval, "evaluate a registered encoder (or a folder) as its own run"
+    )
+    evaluate.add_argument("encoder", help="NAME@ALIAS, NAME/VERSION, models:/... or a folder")
+    evaluate.add_argument("--data", help="labelled data source (default: the encoder's own)")
+    evaluate.add_argument(
+        "--protocol",
+        action="append",
+        choices=["linear", "knn", "semi"],
+        help="repeat for several (default: linear)",
+    )
+    evaluate.add_argument(
+        "--test-fraction", type=float, help="default: the split recorded with the encoder"
+    )
+    evaluate.add_argument("--split-seed", type=int, help="default: as recorded with the encoder")
+    evaluate.add_argument("--no-baselines", action="store_true", help="skip raw/random baselines")
+    output(evaluate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from service.stack import use_stack_auth
+
+    use_stack_auth(StatePaths.discover(args.home))
     from service.controller import JobConflict, JobNotFound, StackNotRunning
+    from service.registry import PromotionRefused, RegistryError, RegistryNotFound
     from service.stack import StackError
     from service.tracking import TrackingError
 
@@ -400,9 +491,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.code
-    except JobNotFound as error:
+    except (JobNotFound, RegistryNotFound) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    except PromotionRefused as error:
+        print(f"refused: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (StackNotRunning, JobConflict, StackError, TrackingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

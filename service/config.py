@@ -56,6 +56,11 @@ class StatePaths:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def ray_token_file(self) -> Path:
+        """The embedded Ray cluster's authentication token (mode 0600)."""
+        return self.root / "ray-auth-token"
+
 
 @dataclass(frozen=True)
 class StackInfo:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -44,11 +46,37 @@ def _alive(pid: int) -> bool:
 
 
 def _dashboard_up(url: str) -> bool:
+    """True once the dashboard answers HTTP at all. With Ray's token authentication on (the
+    default once ~/.ray/auth_token exists) it answers 401 to this anonymous probe; Ray's own
+    job client sends the token."""
     try:
         with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
             return response.status == 200
+    except urllib.error.HTTPError:
+        return True
     except OSError:
         return False
+
+
+def ray_auth_env(paths: StatePaths) -> dict[str, str]:
+    """Environment that makes a process use the stack's Ray token. The head, and through it
+    every driver and worker, runs with it; so must every client that talks to the head."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(paths.ray_token_file)}
+
+
+def use_stack_auth(paths: StatePaths) -> None:
+    """Make this process's Ray clients authenticate to the stack of ``paths``. Ray reads these
+    variables once, when it is first imported: call this before anything imports ray."""
+    os.environ.update(ray_auth_env(paths))
+
+
+def _ensure_token(paths: StatePaths) -> None:
+    # Token authentication stays on, as Ray recommends: the head also listens on the
+    # machine's network address, not only on loopback. One token per state folder.
+    if not paths.ray_token_file.is_file():
+        descriptor = os.open(paths.ray_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
 
 
 def running_stack(paths: StatePaths) -> StackInfo | None:
@@ -67,6 +95,7 @@ def up(paths: StatePaths, num_cpus: float | None = None, num_gpus: float = 0) ->
     paths.stack_file.unlink(missing_ok=True)
     for folder in (paths.root, paths.logs, paths.runs, paths.jobs, paths.artifacts):
         folder.mkdir(parents=True, exist_ok=True)
+    _ensure_token(paths)
     cpus = num_cpus if num_cpus is not None else float(os.cpu_count() or 1)
     gcs_port, dashboard_port = _free_port(), _free_port()
     ray_cli = str(Path(sys.executable).with_name("ray"))
