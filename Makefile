@@ -4,14 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The marker file is rewritten whenever pyproject.toml changes, so a changed dependency reinstalls.
 STAMP := $(VENV)/.installed
+# Errors only: some machines' pip configuration prints a warning per package looked up.
+PIP_INSTALL := $(BIN)/pip install --quiet --quiet
 
 .PHONY: install demo test lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: anything that depends on torch must find the CPU build already there.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@echo "installing torch==2.13.0 (CPU build), then selfsup and its dependencies into $(VENV) ..."
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
