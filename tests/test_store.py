@@ -1,11 +1,40 @@
-"""The job store: compare-and-set transitions and the append-only transition log."""
+"""The job store, on SQLite and on a real PostgreSQL server: compare-and-set transitions and
+the append-only transition log."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+from sqlalchemy import create_engine, text
+
 from service.store import Job, JobState, JobStore, utcnow
+from tests.postgres import postgres_bin, postgres_server
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed here (Debian package: postgresql)")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    server = request.getfixturevalue("postgres_url")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return server.rsplit("/", 1)[0] + f"/{name}"
 
 
 def new_job(job_id: str) -> Job:
@@ -27,8 +56,8 @@ def new_job(job_id: str) -> Job:
     )
 
 
-def test_transition_is_compare_and_set_and_logged(tmp_path: Path) -> None:
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+def test_transition_is_compare_and_set_and_logged(url: str) -> None:
+    store = JobStore(url)
     store.add(new_job("job-1"), actor="alice", reason="submitted")
 
     assert not store.transition("job-1", [JobState.RUNNING], JobState.SUCCEEDED, "ctl")
@@ -41,8 +70,7 @@ def test_transition_is_compare_and_set_and_logged(tmp_path: Path) -> None:
     assert log == [(None, "QUEUED", "alice", "submitted"), ("QUEUED", "RUNNING", "ctl", "admitted")]
 
 
-def test_only_one_of_many_racing_writers_moves_a_job(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_only_one_of_many_racing_writers_moves_a_job(url: str) -> None:
     JobStore(url).add(new_job("job-1"), actor="alice", reason="submitted")
 
     def attempt(worker: int) -> bool:
@@ -58,8 +86,7 @@ def test_only_one_of_many_racing_writers_moves_a_job(tmp_path: Path) -> None:
     assert len(moves) == 1
 
 
-def test_state_survives_a_new_store_on_the_same_file(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_state_survives_a_new_store_on_the_same_database(url: str) -> None:
     JobStore(url).add(new_job("job-1"), actor="alice", reason="submitted")
     JobStore(url).transition("job-1", [JobState.QUEUED], JobState.CANCELLED, "alice", "no")
     reopened = JobStore(url)
