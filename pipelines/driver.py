@@ -15,15 +15,16 @@ from pathlib import Path
 
 import mlflow
 import ray
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
+from torch import nn
 
 from pipelines import tags
-from pipelines.evaluate import evaluate_linear
+from pipelines.evaluate import Evaluation, evaluate_encoder, log_evaluation
 from pipelines.pretrain import TRAIN_RUNTIME_ENV, pretrain
-from pipelines.registry import register_encoder
+from pipelines.registry import code_version, register_encoder
 from pipelines.spec import JobSpec, parse_spec
-from workers.data import load_dataset, split_indices
+from workers.data import SampleDataset, load_data_section, split_dataset
 from workers.export import load_encoder_dir
 from workers.train_loop import ENCODER_DIR
 
@@ -37,6 +38,75 @@ def _concise(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:2000]
 
 
+def _evaluate(
+    spec: JobSpec, encoder: nn.Module, dataset: SampleDataset, client: MlflowClient, run_id: str
+) -> Evaluation | None:
+    """Every protocol the spec asks for, logged to the job's run; None (and a tag saying
+    why) for data without labels, which no downstream classifier can be scored on."""
+    if dataset.labels is None:
+        client.set_tag(
+            run_id,
+            tags.EVAL_SKIPPED,
+            f"{spec.data.source} has no labels: linear, kNN and semi-supervised evaluation "
+            "need labels and were skipped",
+        )
+        return None
+    split = split_dataset(dataset, spec.data.test_fraction, spec.data.split_seed)
+    evaluation = evaluate_encoder(
+        encoder,
+        dataset,
+        split,
+        spec.evaluate,
+        spec.train.seed,
+        spec.data.source,
+        spec.data.test_fraction,
+        spec.data.split_seed,
+    )
+    log_evaluation(client, run_id, evaluation)
+    return evaluation
+
+
+def _description(spec: JobSpec, job_id: str) -> str:
+    """How the version was trained, in one paragraph."""
+    method = spec.method.model_dump(mode="json")
+    options = ", ".join(f"{key}={value}" for key, value in method.items() if key != "name")
+    train = spec.train
+    return (
+        f"{spec.method.name} ({options}) on {spec.data.source}, encoder {spec.encoder.arch} "
+        f"with {spec.encoder.out_dim} features; {train.epochs} epochs, global batch "
+        f"{train.batch_size} over {spec.resources.workers} workers, {train.optimizer} at lr "
+        f"{train.lr:g}, augment preset {spec.augment.preset}, seed {train.seed}; job {job_id}."
+    )
+
+
+def _version_tags(
+    spec: JobSpec, job_id: str, dataset: SampleDataset, evaluation: Evaluation | None
+) -> dict[str, str]:
+    """Where the version came from, and its headline metrics (means, not spreads)."""
+    version_tags = {
+        tags.JOB_ID: job_id,
+        "selfsup.method": spec.method.name,
+        "selfsup.dataset": spec.data.source,
+        "selfsup.config_hash": spec.config_hash(),
+        tags.CODE_VERSION: code_version(),
+        tags.INPUT_SHAPE: "x".join(str(size) for size in dataset.images.shape[1:]),
+        tags.TRAIN_SEED: str(spec.train.seed),
+    }
+    if evaluation is None:
+        version_tags[tags.EVAL_SKIPPED] = f"{spec.data.source} has no labels"
+        return version_tags
+    version_tags |= {
+        tags.SPLIT_TEST_FRACTION: str(evaluation.split["test_fraction"]),
+        tags.SPLIT_SEED: str(evaluation.split["split_seed"]),
+        tags.SPLIT_DIGEST: evaluation.split["digest"],
+    }
+    return version_tags | {
+        key: f"{value:.6f}"
+        for key, value in evaluation.metrics.items()
+        if key.startswith("eval.") and not key.endswith(".std")
+    }
+
+
 def run_job(job: dict) -> dict[str, float | str]:
     spec: JobSpec = parse_spec(job["spec"])
     client = MlflowClient(tracking_uri=job["tracking_uri"], registry_uri=job["tracking_uri"])
@@ -47,36 +117,18 @@ def run_job(job: dict) -> dict[str, float | str]:
         local = Path(checkpoint.to_directory(str(Path(scratch) / "final")))
         encoder_dir = local / ENCODER_DIR
         encoder = load_encoder_dir(encoder_dir)
-
-        dataset = load_dataset(spec.data.source)
-        split = split_indices(dataset.labels, spec.data.test_fraction, spec.data.split_seed)
-        metrics: dict[str, float] = {}
-        if spec.evaluate.linear:
-            metrics = evaluate_linear(encoder, encoder.config, dataset, split, spec.train.seed)
-        client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
-
-        summary: dict[str, float | str] = dict(metrics)
+        dataset = load_data_section(spec.data.model_dump(mode="json"))
+        evaluation = _evaluate(spec, encoder, dataset, client, run_id)
+        summary: dict[str, float | str] = dict(evaluation.metrics) if evaluation else {}
         if spec.registration:
-            version_tags = {
-                tags.JOB_ID: job_id,
-                "selfsup.method": spec.method.name,
-                "selfsup.dataset": spec.data.source,
-                "selfsup.config_hash": spec.config_hash(),
-                **{key: f"{value:.4f}" for key, value in metrics.items()},
-            }
-            description = (
-                f"{spec.method.name} on {spec.data.source}, {spec.train.epochs} epochs, "
-                f"global batch {spec.train.batch_size}, {spec.resources.workers} workers; "
-                f"job {job_id}"
-            )
             version = register_encoder(
                 job["tracking_uri"],
                 run_id,
                 encoder_dir,
                 spec.registration.model,
                 spec.registration.alias,
-                version_tags,
-                description,
+                _version_tags(spec, job_id, dataset, evaluation),
+                _description(spec, job_id),
             )
             for key, value in (
                 (tags.MODEL_NAME, spec.registration.model),

@@ -252,29 +252,36 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 
 
 def cmd_encoder_list(args: argparse.Namespace) -> int:
-    from service.registry import Registry
+    from service.registry import Registry, metric_value
     from service.results import cell, column_title, protocols_in
 
     views = Registry(_tracking_uri(args)).versions(args.name)
-    if args.output == "json":
-        print(json.dumps([{**view.__dict__} for view in views], indent=2))
-        return EXIT_OK
-    protocols = protocols_in(key for view in views for key in view.tags)
     rows = [
         {
             "name": view.name,
             "version": view.version,
-            "aliases": ",".join(view.aliases) or "-",
+            "aliases": ",".join(view.aliases),
             "method": view.tags.get("selfsup.method"),
             "dataset": view.tags.get("selfsup.dataset"),
-            **{column_title(protocol): cell(view.tags, "eval", protocol) for protocol in protocols},
-            "job": view.tags.get("selfsup.job_id"),
+            "job_id": view.tags.get("selfsup.job_id"),
             "created": datetime.fromtimestamp(view.created_at_ms / 1000).astimezone(),
+            "run_id": view.run_id,
+            "model_id": view.model_id,
+            "description": view.description,
+            "metrics": {k: metric_value(view, k) for k in view.tags if k.startswith("eval.")},
+            "tags": view.tags,
         }
         for view in views
     ]
-    columns = ["name", "version", "aliases", "method", "dataset"]
-    _print_rows(rows, "table", [*columns, *map(column_title, protocols), "job", "created"])
+    if args.output == "json":
+        _print_rows(rows, "json", [])
+        return EXIT_OK
+    protocols = protocols_in(key for view in views for key in view.tags)
+    for row, view in zip(rows, views, strict=True):
+        row.update({column_title(p): cell(view.tags, "eval", p) for p in protocols})
+        row["aliases"] = row["aliases"] or "-"
+    columns = ["name", "version", "aliases", "method", "dataset", *map(column_title, protocols)]
+    _print_rows(rows, "table", [*columns, "job_id", "created"])
     return EXIT_OK
 
 
@@ -324,12 +331,17 @@ def cmd_encoder_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from service.registry import Registry, parse_reference
+
+    tracking_uri = _tracking_uri(args)
+    if not Path(args.encoder).expanduser().is_dir():
+        # An unknown name, version or alias fails here, before torch and friends load.
+        Registry(tracking_uri).resolve(parse_reference(args.encoder))
     from pipelines.eval_run import EvaluationRequestError, evaluate_as_run, open_encoder
     from service.results import results_table
     from service.tracking import Tracking
     from workers.export import EncoderLoadError
 
-    tracking_uri = _tracking_uri(args)
     artifacts = (
         None if os.environ.get("MLFLOW_TRACKING_URI") else StatePaths.discover(args.home).artifacts
     )

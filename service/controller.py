@@ -250,6 +250,8 @@ class Controller:
         for key in (tags.MODEL_NAME, tags.MODEL_VERSION, tags.MODEL_ALIAS):
             if key in run_tags:
                 result[key.removeprefix("selfsup.")] = run_tags[key]
+        if tags.EVAL_SKIPPED in run_tags:  # a dataset without labels: say why there are no scores
+            result["evaluation_skipped"] = run_tags[tags.EVAL_SKIPPED]
         return result
 
     def _failure_reason(self, job: Job, ray_message: str) -> str:

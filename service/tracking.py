@@ -6,6 +6,7 @@ No torch here: MLflow's client alone.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class ModelVersionView:
     run_id: str | None
     tags: dict[str, str]
     created_at_ms: int
+    description: str = ""
+    model_id: str | None = None  # MLflow's logged model, which evaluation metrics link to
 
 
 class Tracking:
@@ -79,6 +82,12 @@ class Tracking:
             chunk = [Param(key, params[key][:6000]) for key in keys[start : start + 100]]
             self.client.log_batch(run_id, params=chunk)
         return run_id
+
+    def create_evaluation_run(self, run_name: str, run_tags: dict[str, str]) -> str:
+        """A run for ``selfsup eval``, beside the jobs' runs in the same experiment."""
+        return self.client.create_run(
+            self._experiment_id(), run_name=run_name, tags=run_tags
+        ).info.run_id
 
     def run_url_hint(self, run_id: str) -> str:
         experiment_id = self.client.get_run(run_id).info.experiment_id
@@ -122,7 +131,16 @@ class Tracking:
                 run_id=version.run_id,
                 tags=dict(version.tags),
                 created_at_ms=version.creation_timestamp,
+                description=version.description or "",
+                model_id=version.model_id or _logged_model_id(version.source),
             )
             for version in versions
         ]
         return sorted(views, key=lambda view: (view.name, int(view.version)))
+
+
+def _logged_model_id(source: str | None) -> str | None:
+    """The logged model a version was registered from. MLflow 3's SQL registry leaves the
+    version's ``model_id`` empty; its source is then ``models:/<model id>``."""
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)", source or "")
+    return match[1] if match else None

@@ -25,6 +25,8 @@ def write_spec(tmp_path: Path, name: str, **train: object) -> Path:
     document["name"] = name
     document["train"].update(train)
     document["register"] = {"model": name, "alias": "candidate"}
+    # The linear probe and its baselines only: the other protocols have tests of their own.
+    document["evaluate"] = {"linear": True, "knn": False, "label_fractions": [], "finetune": False}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(document))  # JSON is YAML
     return path
@@ -120,7 +122,7 @@ def test_invalid_spec_is_refused_and_nothing_is_stored(stack: Stack, tmp_path: P
 
 
 def test_killed_job_resumes_from_its_checkpoint(stack: Stack, tmp_path: Path) -> None:
-    epochs = 40
+    epochs = 20
     spec = write_spec(tmp_path, "resume-digits", epochs=epochs)
     submitted = json.loads(stack.cli("job", "submit", str(spec), "-o", "json", check=True).stdout)
     job_id = submitted["id"]

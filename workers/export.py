@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -62,7 +63,7 @@ def load_encoder_dir(root: Path) -> nn.Module:
         encoder.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     except EncoderLoadError:
         raise
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as error:
         raise EncoderLoadError(f"cannot load the encoder in {directory}: {error}") from None
     return encoder.eval()
 
