@@ -38,3 +38,57 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> to
     # A view is never its own negative.
     logits = logits.index_put((rows, self_index), torch.tensor(float("-inf"), device=z_a.device))
     return F.cross_entropy(logits, positive_index)
+
+
+def margin_contrastive_loss(z_a: torch.Tensor, z_b: torch.Tensor, margin: float) -> torch.Tensor:
+    """Margin contrastive loss (Hadsell, Chopra, LeCun 2006), over the global batch.
+
+    With u = z / ||z|| and d_ij = ||u^a_i - u^b_j|| between view a of sample i and view b of
+    sample j, over the N samples of the *global* batch: the two views of one sample are a
+    similar pair, views of two different samples a dissimilar one, and
+
+        loss = 1/N * sum_i d_ii^2  +  1/(N(N-1)) * sum_{i != j} max(0, m - d_ij)^2
+
+    (each kind of pair weighs the same, however many dissimilar pairs there are). Distances
+    between unit vectors lie in [0, 2], so a margin m > 2 would keep every pair active.
+    Each rank scores its n anchors u^a against the N candidates u^b gathered with gradient;
+    the mean over ranks of the local losses is the loss above, as in ``nt_xent_loss``.
+
+    Shapes: z_a, z_b (n, d) -> scalar.
+    """
+    local_n = z_a.shape[0]
+    u_a, all_b = F.normalize(z_a, dim=1), dist.gather_with_grad(F.normalize(z_b, dim=1))
+    global_n = all_b.shape[0]
+    # ||u - v||^2 = 2 - 2 u.v for unit vectors; clamped because rounding can dip below zero.
+    squared = (2.0 - 2.0 * u_a @ all_b.T).clamp(min=0.0)  # (n, N)
+    positive = torch.arange(local_n, device=z_a.device) + dist.rank() * local_n
+    is_positive = F.one_hot(positive, global_n).bool()
+    # sqrt has an infinite slope at 0: the epsilon keeps coinciding negatives' gradient finite.
+    hinge = (margin - (squared + 1e-12).sqrt()).clamp(min=0.0) ** 2
+    similar = squared[is_positive].mean()
+    dissimilar = hinge.masked_fill(is_positive, 0.0).sum() / (local_n * (global_n - 1))
+    return similar + dissimilar
+
+
+def info_nce_loss(
+    query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """InfoNCE against a shared set of negatives (MoCo's queue, PIRL's memory bank).
+
+    With unit vectors q_i (query), k_i (its positive) and n_1..n_K (negatives shared by
+    every query), all normalised here:
+
+        loss = 1/n * sum_i -log( exp(q_i.k_i / tau) / (exp(q_i.k_i / tau)
+                                                        + sum_j exp(q_i.n_j / tau)) )
+
+    The negatives carry no gradient in either method (a queue of past keys, a memory bank),
+    so each rank's mean is exact and DDP's gradient average gives the global batch's loss.
+
+    Shapes: query, positive (n, d); negatives (K, d) -> scalar.
+    """
+    q, k = F.normalize(query, dim=1), F.normalize(positive, dim=1)
+    positive_logits = (q * k).sum(dim=1, keepdim=True)  # (n, 1)
+    negative_logits = q @ F.normalize(negatives, dim=1).T  # (n, K)
+    logits = torch.cat([positive_logits, negative_logits], dim=1) / temperature  # (n, 1 + K)
+    # The positive sits in column 0 of every row.
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
