@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-BUILTIN_DATASETS = ("digits",)
-ENCODER_ARCHS = ("small-convnet",)
+BUILTIN_DATASETS = ("digits", "patches", "spiral")
+# Image counts of the built-in datasets: checks that depend on the training set's size
+# (MoCo's queue, PIRL's negatives) must not load data (or torch) here.
+BUILTIN_DATASET_SIZES = {"digits": 1797}  # patches and spiral: their `count` option
+ENCODER_ARCHS = ("small-convnet", "mlp")
 AUGMENT_PRESETS = ("digits", "simclr", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Names shared by the job id, the Ray submission id, the MLflow run and the registered model.
@@ -48,7 +59,143 @@ class SimCLRParams(_Section):
     hidden_dim: PositiveInt = 256
 
 
-MethodParams = Annotated[SimCLRParams, Field(discriminator="name")]
+class SiameseParams(_Section):
+    name: Literal["siamese"]
+    # Distances between unit vectors lie in [0, 2]: a larger margin keeps every pair active.
+    margin: Annotated[float, Field(gt=0, le=2)] = 1.0
+    projection_dim: PositiveInt = 64
+    hidden_dim: PositiveInt = 256
+
+
+class MoCoParams(_Section):
+    name: Literal["moco"]
+    # K: a multiple of the global batch, smaller than the training set minus one global batch
+    # (checked in _bank_and_queue_problems, where the batch and the data are known).
+    queue_size: PositiveInt = 1024
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99  # of the key encoder, per step
+    temperature: PositiveFloat = 0.2
+    projection_dim: PositiveInt = 64
+    hidden_dim: PositiveInt = 256
+
+
+class PIRLParams(_Section):
+    name: Literal["pirl"]
+    temperature: PositiveFloat = 0.07
+    num_negatives: PositiveInt = 1024  # drawn from the memory bank each step
+    # Weight kept on a bank entry's old value: m <- normalize(mu * m + (1 - mu) * f(v)).
+    bank_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    # lambda: loss = lambda * L(jigsaw) + (1 - lambda) * L(image)
+    loss_lambda: Annotated[float, Field(ge=0, le=1)] = 0.5
+    projection_dim: PositiveInt = 64
+    hidden_dim: PositiveInt = 256
+
+
+# The regularized latent-variable and energy-based family. Sparse coding's energy is
+# E(y, z) = ||y - W z||^2 + lam * |z|_1 (no 1/2; workers/sparse.py): scikit-learn's alpha is
+# lam / 2. A code's iterations stop when it moves by less than `tol` relative, or at `max_iter`.
+Tolerance = Annotated[float, Field(gt=0, lt=1)]
+IterationCap = Annotated[int, Field(gt=0, le=100_000)]
+Width = Annotated[int, Field(gt=0, le=65_536)]
+
+
+class KMeansParams(_Section):
+    name: Literal["kmeans"]
+    clusters: Annotated[int, Field(ge=2, le=65_536)] = 64  # at most the global batch
+
+
+class PCAParams(_Section):
+    name: Literal["pca"]
+    components: Width = 32  # at most the data's dimension
+
+
+class SparseCodingParams(_Section):
+    name: Literal["sparse_coding"]
+    atoms: Width = 128
+    lam: PositiveFloat = 1.0
+    solver: Literal["fista", "ista"] = "fista"
+    tol: Tolerance = 1e-4
+    max_iter: IterationCap = 300
+
+
+class LISTAParams(_Section):
+    name: Literal["lista"]
+    atoms: Width = 128
+    lam: PositiveFloat = 1.0
+    layers: Annotated[int, Field(gt=0, le=64)] = 5  # T
+    tied: bool = False  # one (B, S, theta) for all layers, or one per layer
+    loss: Literal["code", "energy"] = "code"  # predict the FISTA codes, or minimise E directly
+    tol: Tolerance = 1e-4  # of the FISTA that gives the target codes and learns W
+    max_iter: IterationCap = 300
+
+
+class ConvSparseCodingParams(_Section):
+    name: Literal["conv_sparse_coding"]
+    kernels: Annotated[int, Field(gt=0, le=1024)] = 16
+    kernel_size: Annotated[int, Field(ge=1, le=31)] = 5  # odd: maps as large as the image
+    lam: PositiveFloat = 0.5
+    tol: Tolerance = 1e-3
+    max_iter: IterationCap = 100
+    pool: Annotated[int, Field(gt=0, le=16)] = 2  # the encoder pools each map to pool x pool
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"must be odd (got {value}) so that a map is as large as the image")
+        return value
+
+
+class VAEParams(_Section):
+    name: Literal["vae"]
+    latent_dim: Annotated[int, Field(gt=0, le=4096)] = 16
+    beta: Annotated[float, Field(ge=0, le=1000)] = 1.0
+    hidden_dim: PositiveInt = 256  # of the decoder
+
+
+class DAEParams(_Section):
+    name: Literal["dae"]
+    corruption: Literal["noise", "mask"] = "noise"  # "mask": a masked autoencoder
+    noise_std: PositiveFloat = 0.3
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    mask_patch: Annotated[int, Field(gt=0, le=64)] = 2  # side of a hidden square, in pixels
+    hidden_dim: PositiveInt = 256  # of the decoder
+
+
+class RBMParams(_Section):
+    name: Literal["rbm"]
+    hidden: Width = 128
+    cd_steps: Annotated[int, Field(gt=0, le=1000)] = 1  # k of CD-k
+    persistent: bool = False  # persistent CD: chains never reset to data
+    chains: Width = 64  # persistent chains per worker
+
+
+class LangevinEBMParams(_Section):
+    name: Literal["ebm_langevin"]
+    langevin_steps: Annotated[int, Field(gt=0, le=1000)] = 20
+    step_size: PositiveFloat = 0.01  # y <- y - step_size * grad F(y) + noise_std * eps
+    noise_std: Annotated[float, Field(ge=0)] = 0.1
+    buffer_size: Annotated[int, Field(gt=0, le=1_000_000)] = 2048  # replay buffer per worker
+    reinit_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05  # negatives started from noise
+    energy_penalty: Annotated[float, Field(ge=0)] = 0.1  # weight of mean F^2
+    energy_limit: PositiveFloat = 1e4  # |F| or |y| beyond it fails the job: diverged
+
+
+MethodParams = Annotated[
+    SimCLRParams
+    | SiameseParams
+    | MoCoParams
+    | PIRLParams
+    | KMeansParams
+    | PCAParams
+    | SparseCodingParams
+    | LISTAParams
+    | ConvSparseCodingParams
+    | VAEParams
+    | DAEParams
+    | RBMParams
+    | LangevinEBMParams,
+    Field(discriminator="name"),
+]
 
 
 class EncoderSpec(_Section):
@@ -64,11 +211,32 @@ class EncoderSpec(_Section):
         return self
 
 
+class PatchesOptions(_Section):
+    """builtin:patches: grey patches of the photographs bundled with scikit-image/-learn."""
+
+    size: Annotated[int, Field(ge=2, le=64)] = 8
+    count: Annotated[int, Field(ge=10, le=1_000_000)] = 20_000
+    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    whiten: bool = False  # ZCA, then unit variance per pixel
+
+
+class SpiralOptions(_Section):
+    """builtin:spiral: points on a noisy 2-D spiral in [-1, 1]^2."""
+
+    count: Annotated[int, Field(ge=10, le=1_000_000)] = 2_000
+    noise: Annotated[float, Field(ge=0, le=1)] = 0.02
+    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
+
+
 class DataSpec(_Section):
     source: str = "builtin:digits"
-    # Held out for evaluation, never seen by pretraining; the split is stratified and seeded.
+    # Held out for evaluation, never seen by pretraining; the split is stratified (when the
+    # data has labels) and seeded.
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     split_seed: Annotated[int, Field(ge=0)] = 0
+    # A source's options sit under its name; patches and spiral have no labels.
+    patches: PatchesOptions | None = None
+    spiral: SpiralOptions | None = None
 
     @model_validator(mode="after")
     def _known_source(self) -> DataSpec:
@@ -83,11 +251,34 @@ class DataSpec(_Section):
                 f"unknown dataset {rest!r} in data.source; known: "
                 + ", ".join(f"builtin:{name}" for name in BUILTIN_DATASETS)
             )
+        for name in ("patches", "spiral"):
+            if getattr(self, name) is not None and rest != name:
+                raise ValueError(
+                    f"data.{name} sets options of builtin:{name}, not of {self.source}"
+                )
         return self
 
     @property
     def dataset(self) -> str:
         return self.source.partition(":")[2]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The source's options for ``workers.data.load_dataset`` (defaults when unset)."""
+        defaults = {"patches": PatchesOptions, "spiral": SpiralOptions}.get(self.dataset)
+        if defaults is None:
+            return {}
+        return (getattr(self, self.dataset) or defaults()).model_dump()
+
+    @property
+    def size(self) -> int:
+        """How many samples the source holds."""
+        return self.options.get("count", BUILTIN_DATASET_SIZES.get(self.dataset, 0))
+
+    @property
+    def sample_dim(self) -> int:
+        """The length of one flattened sample."""
+        return {"digits": 64, "spiral": 2}.get(self.dataset) or self.options["size"] ** 2
 
 
 class AugmentSpec(_Section):
@@ -119,8 +310,33 @@ class ResourcesSpec(_Section):
     gpus_per_worker: Annotated[float, Field(ge=0, le=16)] = 0.0
 
 
+LabelFraction = Annotated[float, Field(gt=0, lt=1)]
+EvaluationSeed = Annotated[int, Field(ge=0, lt=2**31)]
+
+
 class EvaluateSpec(_Section):
+    """Which downstream protocols run on the held-out split (all on frozen features except
+    semi-supervised fine-tuning), and the baselines beside them on the same split."""
+
     linear: bool = True
+    knn: bool = True
+    knn_k: Annotated[int, Field(gt=0, le=1000)] = 20
+    knn_temperature: Annotated[float, Field(gt=0, le=10)] = 0.07
+    # Semi-supervised: each fraction of the training labels (stratified, >= 1 per class),
+    # once per seed; an empty list turns the protocol off.
+    label_fractions: Annotated[list[LabelFraction], Field(max_length=8)] = [0.01, 0.1]
+    seeds: Annotated[list[EvaluationSeed], Field(min_length=1, max_length=10)] = [0, 1, 2]
+    finetune: bool = True
+    finetune_steps: Annotated[int, Field(gt=0, le=100_000)] = 100
+    finetune_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    baselines: bool = True
+
+    @field_validator("label_fractions", "seeds")
+    @classmethod
+    def _distinct(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError(f"repeated values in {values}")
+        return values
 
 
 class RegisterSpec(_Section):
@@ -178,6 +394,92 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(("train.batch_size", "each worker needs at least 2 samples per step"))
     if spec.train.warmup_epochs >= spec.train.epochs and spec.train.warmup_epochs:
         problems.append(("train.warmup_epochs", "must be smaller than train.epochs"))
+    problems += _bank_and_queue_problems(spec)
+    problems += _latent_problems(spec)
+    return problems
+
+
+def _latent_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What the latent-variable and energy-based methods need of the data and the batch."""
+    method, data = spec.method, spec.data
+    vectors = data.dataset == "spiral"
+    whitened = data.patches is not None and data.patches.whiten
+    problems: list[tuple[str, str]] = []
+    if isinstance(method, KMeansParams) and method.clusters > spec.train.batch_size:
+        problems.append(
+            (
+                "method.clusters",
+                f"{method.clusters} exceeds train.batch_size ({spec.train.batch_size}): the "
+                "prototypes start as the first global batch's samples",
+            )
+        )
+    if isinstance(method, PCAParams) and method.components > data.sample_dim:
+        problems.append(
+            (
+                "method.components",
+                f"{method.components} exceeds the {data.sample_dim} dimensions of {data.source}",
+            )
+        )
+    if isinstance(method, ConvSparseCodingParams) and vectors:
+        problems.append(("data.source", "conv_sparse_coding needs images, not 2-D vectors"))
+    if isinstance(method, RBMParams) and (vectors or whitened):
+        problems.append(
+            (
+                "data.source",
+                "rbm needs data in [0, 1]: unwhitened images, not vectors or whitened patches",
+            )
+        )
+    if (
+        vectors
+        and spec.encoder.arch != "mlp"
+        and not isinstance(method, KMeansParams | PCAParams | SparseCodingParams | LISTAParams)
+    ):
+        problems.append(("encoder.arch", "2-D vectors (builtin:spiral) need encoder.arch mlp"))
+    return problems
+
+
+def train_size(data: DataSpec) -> int:
+    """How many images pretraining sees: the stratified split keeps n - ceil(test_fraction * n)
+    (scikit-learn's rounding in ``workers.data.split_indices``)."""
+    total = data.size
+    return total - math.ceil(data.test_fraction * total)
+
+
+def _bank_and_queue_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """MoCo's queue and PIRL's negatives against the global batch and the training set."""
+    method, batch = spec.method, spec.train.batch_size
+    if not isinstance(method, MoCoParams | PIRLParams):
+        return []
+    images = train_size(spec.data)
+    problems: list[tuple[str, str]] = []
+    if isinstance(method, MoCoParams):
+        if method.queue_size % batch:
+            problems.append(
+                (
+                    "method.queue_size",
+                    f"{method.queue_size} is not a multiple of the global batch "
+                    f"(train.batch_size {batch}): the queue takes the global batch's keys at "
+                    "each step and must wrap around on a batch boundary",
+                )
+            )
+        if method.queue_size >= images - batch:
+            problems.append(
+                (
+                    "method.queue_size",
+                    f"{method.queue_size} must be smaller than the {images} training images of "
+                    f"{spec.data.source} minus one global batch ({batch}), i.e. below "
+                    f"{images - batch}: a larger queue holds keys of the very images whose "
+                    "queries it is meant to contrast against",
+                )
+            )
+    if isinstance(method, PIRLParams) and method.num_negatives >= images:
+        problems.append(
+            (
+                "method.num_negatives",
+                f"{method.num_negatives} must be smaller than the memory bank, which has one "
+                f"entry per training image ({images} in {spec.data.source})",
+            )
+        )
     return problems
 
 
@@ -185,7 +487,9 @@ def _field_path(location: tuple[int | str, ...]) -> str:
     # Pydantic puts the discriminator's tag into the location (method.simclr.temperature):
     # drop it so the path is the one the user wrote.
     parts = [str(part) for part in location]
-    if len(parts) >= 2 and parts[0] == "method" and parts[1] in {"simclr"}:
+    tags = {"simclr", "siamese", "moco", "pirl", "kmeans", "pca", "sparse_coding", "lista"}
+    tags |= {"conv_sparse_coding", "vae", "dae", "rbm", "ebm_langevin"}
+    if len(parts) >= 2 and parts[0] == "method" and parts[1] in tags:
         parts.pop(1)
     return ".".join(parts) or "(spec)"
 

@@ -1,8 +1,18 @@
-"""Datasets as in-memory image tensors, and the fixed train/test split every stage shares."""
+"""Datasets as in-memory sample tensors, and the fixed train/test split every stage shares.
+
+Built-in sources ship with installed packages; nothing is downloaded:
+- ``builtin:digits``: scikit-learn's 8x8 digits, labelled.
+- ``builtin:patches``: random square patches of the natural photographs bundled with
+  scikit-image and scikit-learn, grey, optionally whitened; unlabelled.
+- ``builtin:spiral``: points on a noisy 2-D spiral, as vectors; unlabelled.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,36 +20,120 @@ from sklearn.model_selection import train_test_split
 
 
 @dataclass(frozen=True)
-class ImageDataset:
-    images: torch.Tensor  # (N, C, H, W), float32 in [0, 1]
-    labels: torch.Tensor  # (N,), int64; used by evaluation only, never by pretraining
+class SampleDataset:
+    """Samples are images (N, C, H, W) or vectors (N, D). A vector counts as a 1x1 image with
+    D channels (``in_channels`` D, ``image_size`` 1), so encoder configs describe both."""
+
+    samples: torch.Tensor  # float32; images lie in [0, 1] unless whitened
+    labels: torch.Tensor | None  # (N,) int64 for evaluation only; None when unlabelled
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.samples
 
     @property
     def in_channels(self) -> int:
-        return self.images.shape[1]
+        return self.samples.shape[1]
 
     @property
     def image_size(self) -> int:
-        return self.images.shape[-1]
+        return self.samples.shape[-1] if self.samples.dim() == 4 else 1
 
 
-def _digits() -> ImageDataset:
+# The name evaluation code imports; every dataset is a SampleDataset.
+ImageDataset = SampleDataset
+
+
+def _digits() -> SampleDataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)  # (1797,1,8,8)
-    return ImageDataset(images=images, labels=torch.from_numpy(bunch.target.astype(np.int64)))
+    return SampleDataset(samples=images, labels=torch.from_numpy(bunch.target.astype(np.int64)))
 
 
-_BUILTIN = {"digits": _digits}
+def natural_images() -> list[np.ndarray]:
+    """The bundled natural photographs as grey float64 arrays in [0, 1]: scikit-image's
+    (those that need no download) and scikit-learn's two sample images."""
+    import skimage.data
+    from skimage.color import rgb2gray
+    from sklearn.datasets import load_sample_images
+
+    names = ("astronaut", "camera", "chelsea", "coffee", "rocket")
+    pictures = [getattr(skimage.data, name)() for name in names]
+    pictures += list(load_sample_images().images)
+    grey = [rgb2gray(p) if p.ndim == 3 else p / 255.0 for p in pictures]
+    return [np.asarray(g, dtype=np.float64) for g in grey]
 
 
-def load_dataset(source: str) -> ImageDataset:
-    """Load a data source named as in the spec (``builtin:digits``)."""
+def zca_whiten(patches: np.ndarray, epsilon: float) -> np.ndarray:
+    """Remove each patch's mean, then ZCA-whiten: x <- U diag(1/sqrt(s + eps)) U^T x, with
+    U s U^T the patch covariance. ``epsilon`` (relative to the mean eigenvalue) keeps the
+    noisy highest frequencies from being blown up. Shapes: (N, D) -> (N, D)."""
+    centred = patches - patches.mean(axis=1, keepdims=True)
+    covariance = centred.T @ centred / len(centred)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    damping = epsilon * eigenvalues.mean()
+    transform = (
+        eigenvectors @ np.diag(1.0 / np.sqrt(eigenvalues.clip(0) + damping)) @ eigenvectors.T
+    )
+    return centred @ transform
+
+
+def _patches(
+    size: int = 8, count: int = 20000, seed: int = 0, whiten: bool = False
+) -> SampleDataset:
+    """``count`` patches of ``size`` x ``size``, spread evenly over the photographs, at
+    positions drawn from ``seed``. Whitened patches are rescaled to unit variance per pixel."""
+    rng = np.random.default_rng(seed)
+    pictures = natural_images()
+    per_picture = [
+        count // len(pictures) + (i < count % len(pictures)) for i in range(len(pictures))
+    ]
+    patches = []
+    for picture, number in zip(pictures, per_picture, strict=True):
+        rows = rng.integers(0, picture.shape[0] - size + 1, number)
+        cols = rng.integers(0, picture.shape[1] - size + 1, number)
+        patches += [picture[r : r + size, c : c + size] for r, c in zip(rows, cols, strict=True)]
+    flat = np.stack(patches).reshape(count, size * size)
+    if whiten:
+        flat = zca_whiten(flat, epsilon=1.0)
+        flat = flat / flat.std()
+    samples = torch.from_numpy(flat.astype(np.float32)).view(count, 1, size, size)
+    return SampleDataset(samples=samples, labels=None)
+
+
+def _spiral(count: int = 2000, noise: float = 0.02, seed: int = 0) -> SampleDataset:
+    """One arm of an Archimedean spiral, two turns, scaled into [-1, 1]^2, with Gaussian noise
+    of std ``noise``: the 2-D data the energy-based-model lectures draw landscapes over."""
+    rng = np.random.default_rng(seed)
+    t = np.sqrt(rng.uniform(0.05, 1.0, count))  # uniform along the arm's length, roughly
+    angle = 4.0 * math.pi * t
+    points = np.stack([t * np.cos(angle), t * np.sin(angle)], axis=1)
+    points += noise * rng.standard_normal(points.shape)
+    return SampleDataset(samples=torch.from_numpy(points.astype(np.float32)), labels=None)
+
+
+_BUILTIN: dict[str, Callable[..., SampleDataset]] = {
+    "digits": _digits,
+    "patches": _patches,
+    "spiral": _spiral,
+}
+
+
+def load_dataset(source: str, options: Mapping[str, Any] | None = None) -> SampleDataset:
+    """Load a data source named as in the spec (``builtin:digits``), with its options (the
+    spec's ``data.patches`` / ``data.spiral`` section; defaults when None)."""
     scheme, _, name = source.partition(":")
     if scheme != "builtin" or name not in _BUILTIN:
         raise ValueError(f"unknown data source {source!r}")
-    return _BUILTIN[name]()
+    return _BUILTIN[name](**(options or {}))
+
+
+def load_data_section(data: Mapping[str, Any]) -> SampleDataset:
+    """The dataset a job spec's ``data`` section (as JSON) names; a source's options sit
+    under its name (``data.patches``)."""
+    return load_dataset(data["source"], data.get(data["source"].partition(":")[2]))
 
 
 @dataclass(frozen=True)
@@ -54,5 +148,16 @@ def split_indices(labels: torch.Tensor, test_fraction: float, seed: int) -> Spli
     indices = np.arange(len(labels))
     train, test = train_test_split(
         indices, test_size=test_fraction, random_state=seed, stratify=labels.numpy()
+    )
+    return Split(train=np.sort(train), test=np.sort(test))
+
+
+def split_dataset(dataset: SampleDataset, test_fraction: float, seed: int) -> Split:
+    """``split_indices`` for a labelled dataset; a seeded unstratified split (same sizes)
+    for an unlabelled one."""
+    if dataset.labels is not None:
+        return split_indices(dataset.labels, test_fraction, seed)
+    train, test = train_test_split(
+        np.arange(len(dataset.samples)), test_size=test_fraction, random_state=seed
     )
     return Split(train=np.sort(train), test=np.sort(test))

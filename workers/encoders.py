@@ -74,6 +74,36 @@ class SmallConvNet(nn.Module):
         return self.project(self.features(images))
 
 
+@register_encoder("mlp")
+class MLP(nn.Module):
+    """Flatten, two hidden layers with SiLU, then a linear map to ``out_dim`` features: for
+    vectors (``in_channels`` D, ``image_size`` 1, as ``builtin:spiral`` gives) and small images.
+    SiLU rather than ReLU keeps an energy built on it smooth for Langevin dynamics, and there
+    is no BatchNorm, so a sample's features never depend on its batch.
+    Shapes: (B, C, H, W) or (B, D) -> (B, out_dim).
+    """
+
+    def __init__(self, in_channels: int, image_size: int, out_dim: int, hidden_dim: int = 256):
+        super().__init__()
+        self.out_dim = out_dim
+        self.layers = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * image_size * image_size, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.layers(samples)
+
+
 def backbone_config(arch: str, in_channels: int, image_size: int, out_dim: int) -> EncoderConfig:
     """The config of a backbone built from the spec's ``encoder`` section and the data."""
     return {"arch": arch, "in_channels": in_channels, "image_size": image_size, "out_dim": out_dim}
+
+
+# Archs that methods define in their own modules register when imported; importing them here
+# lets any stored encoder load through this module alone. At the bottom: they import from it.
+from workers import latent_encoders  # noqa: E402, F401

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from workers import dist
 from workers.augment import build_augment
-from workers.data import load_dataset, split_indices
+from workers.data import load_data_section, split_dataset
 from workers.encoders import backbone_config, build_encoder
 from workers.export import save_encoder
 from workers.methods import Batch, Method, build_method
@@ -42,7 +42,8 @@ def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def _optimizer(train: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
-    params, lr, decay = model.parameters(), train["lr"], train["weight_decay"]
+    # One group even when it is empty: closed-form methods (k-means, PCA) have nothing to step.
+    params, lr, decay = [{"params": list(model.parameters())}], train["lr"], train["weight_decay"]
     if train["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=decay)
     if train["optimizer"] == "adamw":
@@ -80,8 +81,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(train["seed"])  # identical initial weights on every rank
 
-    dataset = load_dataset(spec["data"]["source"])
-    split = split_indices(dataset.labels, spec["data"]["test_fraction"], spec["data"]["split_seed"])
+    dataset = load_data_section(spec["data"])
+    split = split_dataset(dataset, spec["data"]["test_fraction"], spec["data"]["split_seed"])
     train_images = dataset.images[split.train]
     shard = DistributedSampler(
         TensorDataset(train_images),
@@ -110,7 +111,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     method = build_method(
         spec["method"], build_encoder(encoder_config), encoder_config["out_dim"], len(train_images)
     )
-    model = ray.train.torch.prepare_model(method)
+    # Closed-form methods learn inside forward from statistics summed over ranks: without a
+    # trainable parameter there is nothing for DDP to synchronise.
+    trainable = any(parameter.requires_grad for parameter in method.parameters())
+    model = ray.train.torch.prepare_model(method, parallel_strategy="ddp" if trainable else None)
     optimizer = _optimizer(train, model)
     total_steps = train["epochs"] * len(loader)
     warmup_steps = train["warmup_epochs"] * len(loader)
@@ -152,7 +156,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {global_step}: diverged")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:
+                loss.backward()
             optimizer.step()
             scheduler.step()
             method.after_optimizer_step()

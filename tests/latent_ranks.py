@@ -1,0 +1,47 @@
+"""One Ray Train run (2 gloo ranks) shared by the latent family's test modules.
+
+Starting a Ray Train run costs ~20-40 s on 2 cores, so tests/test_latent_distributed.py
+(2 ranks against one process) and tests/test_latent_jobs.py (the train loop of several
+methods) do their distributed work in the same run. Each module registers its part when
+pytest imports it; the first test that needs a result runs every registered part, and later
+ones read from the cache. Running one module alone runs only its part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.distributed import run_on_workers
+
+# part name -> (what each rank runs: module-level fn(args), how to make args in a folder)
+_PARTS: dict[str, tuple[Callable[[Any], Any], Callable[[Path], Any]]] = {}
+_RESULTS: dict[str, list[Any]] = {}
+
+
+def register_part(
+    name: str, on_each_rank: Callable[[Any], Any], make_args: Callable[[Path], Any]
+) -> None:
+    _PARTS[name] = (on_each_rank, make_args)
+
+
+def _run_parts(parts: dict[str, tuple[Callable[[Any], Any], Any]]) -> dict[str, Any]:
+    return {name: on_each_rank(args) for name, (on_each_rank, args) in parts.items()}
+
+
+def part_results(name: str, tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """Each rank's result of part ``name`` (needs the ``ray_local`` fixture active)."""
+    if name not in _RESULTS:
+        root = tmp_path_factory.mktemp("latent-ranks")
+        parts = {
+            part: (on_each_rank, make_args(root / part))
+            for part, (on_each_rank, make_args) in _PARTS.items()
+            if part not in _RESULTS
+        }
+        ranks = run_on_workers(_run_parts, parts, root)
+        for part in parts:
+            _RESULTS[part] = [rank[part] for rank in ranks]
+    return _RESULTS[name]

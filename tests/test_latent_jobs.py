@@ -1,0 +1,189 @@
+"""Every method of the latent-variable and energy-based family through the job path, on tiny
+budgets (one epoch, a few steps), each ending in an encoder that ``selfsup.load_encoder``
+loads and that reproduces the features its final checkpoint recorded.
+
+A job costs ~30-40 s of Ray start-up on 2 cores, so nine jobs do not fit this module's
+budget. Two methods take the full path (real CLI -> controller -> Ray Job -> Ray Train on 2
+gloo workers -> MLflow -> linear probe -> Model Registry), one for each way the train loop
+runs a method: k-means (closed-form learning: no gradient, no DDP) and sparse coding (DDP
+gradients; an inference procedure with a learned dictionary as the encoder). The other seven
+run the very same ``train_loop_per_worker`` on 2 gloo ranks inside ONE Ray Train run, each
+logging into its own MLflow run, then register their encoders through ``pipelines.registry``
+and load them with ``selfsup.load_encoder``. Those seven include the unlabelled sources
+(whitened patches, the spiral), which the driver does not evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray.train
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+import selfsup
+from pipelines.registry import register_encoder
+from pipelines.spec import parse_spec, read_yaml
+from tests.conftest import Stack
+from tests.latent_ranks import part_results, register_part
+from workers.train_loop import ENCODER_DIR, REFERENCE_FILE, train_loop_per_worker
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+ONLY_LINEAR = {"linear": True, "knn": False, "label_fractions": [], "finetune": False}
+NO_EVALUATION = {**ONLY_LINEAR, "linear": False, "baselines": False}
+TINY_PATCHES = {"source": "builtin:patches", "patches": {"size": 16, "count": 200, "whiten": True}}
+TINY_SPIRAL = {"source": "builtin:spiral", "spiral": {"count": 400}}
+
+# method: (example, method overrides, data overrides, global batch, figure it logs)
+FULL_PATH = {
+    "kmeans": ("kmeans-digits", {"clusters": 16}, {}, 64, "prototypes.png"),
+    "sparse_coding": (
+        "sparse_coding-digits",
+        {"atoms": 32, "max_iter": 100},
+        {},
+        64,
+        "dictionary.png",
+    ),
+}
+IN_PROCESS = {
+    "vae": ("vae-digits", {}, {}, 64, "reconstructions.png"),
+    "pca": ("pca-digits", {"components": 8}, {}, 64, "components.png"),
+    "lista": (
+        "lista-digits",
+        {"atoms": 32, "layers": 3, "max_iter": 100},
+        {},
+        64,
+        "dictionary.png",
+    ),
+    "conv_sparse_coding": (
+        "conv_sparse_coding-patches",
+        {"kernels": 4, "kernel_size": 5, "max_iter": 30},
+        TINY_PATCHES,
+        32,
+        "kernels.png",
+    ),
+    "dae": ("dae-spiral", {}, TINY_SPIRAL, 64, "energy_landscape.png"),
+    "rbm": ("rbm-digits", {"chains": 16}, {}, 64, "filters.png"),
+    "ebm_langevin": (
+        "ebm_langevin-spiral",
+        {"langevin_steps": 5},
+        TINY_SPIRAL,
+        64,
+        "energy_landscape.png",
+    ),
+}
+
+
+def tiny_document(method: str, table: dict) -> dict:
+    example, method_overrides, data_overrides, batch, _ = table[method]
+    document = read_yaml((EXAMPLES / f"{example}.yaml").read_text())
+    name = f"test-latent-{method.replace('_', '-')}"
+    document["name"] = name
+    document["method"].update(method_overrides)
+    document["data"] = {**document["data"], **data_overrides}
+    document["train"].update(epochs=1, batch_size=batch, log_every_steps=1)
+    labelled = document["data"]["source"] == "builtin:digits"
+    document["evaluate"] = ONLY_LINEAR if labelled else NO_EVALUATION
+    document["register"] = {"model": name, "alias": "candidate"}
+    return document
+
+
+def assert_loads_and_reproduces(model: str, tracking_uri: str, checkpoint: Path) -> None:
+    encoder = selfsup.load_encoder(f"models:/{model}@candidate", tracking_uri=tracking_uri)
+    assert not encoder.training
+    reference = load_file(str(checkpoint / REFERENCE_FILE))
+    with torch.no_grad():
+        features = encoder(reference["images"])
+    torch.testing.assert_close(features, reference["features"], rtol=1e-5, atol=1e-5)
+
+
+def assert_run_logged(client: MlflowClient, run_id: str, figure: str) -> None:
+    """The train loop's rank 0 logged the epoch's loss and the method's picture."""
+    run = client.get_run(run_id)
+    assert torch.isfinite(torch.tensor(run.data.metrics["train.epoch_loss"]))
+    logged = [artifact.path for artifact in client.list_artifacts(run_id, "figures")]
+    assert f"figures/{figure}" in logged, logged
+
+
+@pytest.mark.parametrize("method", sorted(FULL_PATH))
+def test_method_runs_the_full_job_path(stack: Stack, tmp_path: Path, method: str) -> None:
+    document = tiny_document(method, FULL_PATH)
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(document))  # JSON is YAML
+    result = stack.cli("job", "submit", str(path), "--wait")
+    job_id = result.stdout.split()[1]
+    job = json.loads(stack.cli("job", "status", job_id, "-o", "json", check=True).stdout)
+    assert job["state"] == "SUCCEEDED", (job["message"], result.stderr[-3000:])
+
+    client = MlflowClient(stack.tracking_uri)
+    assert_run_logged(client, job["mlflow_run_id"], FULL_PATH[method][-1])
+    run = client.get_run(job["mlflow_run_id"])
+    assert run.data.params["method.name"] == method
+    assert 0.1 < run.data.metrics["eval.linear.top1"] <= 1
+    (checkpoint,) = {p.parent for p in (stack.home / "runs" / job_id).glob(f"*/{REFERENCE_FILE}")}
+    assert_loads_and_reproduces(document["name"], stack.tracking_uri, checkpoint)
+
+
+def train_one_after_another(
+    jobs: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[str | None]]:
+    """On each rank: the train loop for every job in turn. Returns the jobs and each one's
+    final checkpoint folder (rank 0; None on the others)."""
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    folders = []
+    for job in jobs:
+        train_loop_per_worker(job)
+        checkpoint = ray.train.get_checkpoint()  # the last one this rank reported, if any
+        folders.append(checkpoint.path if checkpoint else None)
+        # Ray Train hands that checkpoint to get_checkpoint() from now on, which would make
+        # the next job resume this one: each job here starts fresh, as a new run would.
+        get_train_context().checkpoint = None
+    return jobs, folders
+
+
+def in_process_jobs(folder: Path) -> list[dict[str, Any]]:
+    """The train loop's config for each IN_PROCESS method, each with its own MLflow run in a
+    SQLite store under ``folder`` that the workers on this machine reach too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("latent", artifact_location=str(folder / "artifacts"))
+    return [
+        {
+            "spec": parse_spec(tiny_document(method, IN_PROCESS)).model_dump(mode="json"),
+            "run_id": client.create_run(experiment, run_name=method).info.run_id,
+            "tracking_uri": tracking_uri,
+        }
+        for method in IN_PROCESS
+    ]
+
+
+register_part("train_loop", train_one_after_another, in_process_jobs)
+
+
+@pytest.fixture(scope="module")
+def in_process_runs(
+    ray_local: None, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[str, str, Path]]:
+    """method -> (tracking URI, MLflow run id, final checkpoint folder)."""
+    jobs, folders = part_results("train_loop", tmp_path_factory)[0]  # rank 0
+    return {
+        method: (job["tracking_uri"], job["run_id"], Path(folder))
+        for method, job, folder in zip(IN_PROCESS, jobs, folders, strict=True)
+    }
+
+
+@pytest.mark.parametrize("method", list(IN_PROCESS))
+def test_method_runs_the_train_loop_and_registers_a_loadable_encoder(
+    in_process_runs: dict[str, tuple[str, str, Path]], method: str
+) -> None:
+    tracking_uri, run_id, checkpoint = in_process_runs[method]
+    assert_run_logged(MlflowClient(tracking_uri), run_id, IN_PROCESS[method][-1])
+    model = tiny_document(method, IN_PROCESS)["name"]
+    register_encoder(tracking_uri, run_id, checkpoint / ENCODER_DIR, model, "candidate", {}, "test")
+    assert_loads_and_reproduces(model, tracking_uri, checkpoint)

@@ -1,0 +1,145 @@
+"""The math the sparse-coding family shares: soft threshold, power iteration, batched ISTA/FISTA.
+
+The convention, written once. For a sample y and a code z, with a linear operator A (a
+dictionary W of shape (d, k) for sparse coding and LISTA; a sum of transposed convolutions for
+convolutional sparse coding):
+
+    E(y, z) = ||y - A z||^2 + lam * |z|_1          (no 1/2 in front)
+
+The smooth part f(z) = ||y - A z||^2 has gradient 2 A^T (A z - y), whose Lipschitz constant is
+L = 2 * lambda_max(A^T A); ISTA steps by 1/L and thresholds at lam / L. lambda_max comes from
+power iteration on v -> A^T A v, so the same code serves a matrix and a convolution.
+
+scikit-learn's ``sparse_encode`` (lasso_lars, lasso_cd) minimises, per sample,
+(1 / (2 d)) ||y - A z||^2 + (alpha / d) |z|_1, i.e. E / (2 d) with lam = 2 * alpha; so does
+MiniBatchDictionaryLearning (0.5 ||y - A z||^2 + alpha |z|_1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Operator = Callable[[torch.Tensor], torch.Tensor]
+
+
+def soft_threshold(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """shrink(x, t) = sign(x) * max(|x| - t, 0), elementwise; the proximal map of t * |x|_1."""
+    return x.sign() * (x.abs() - threshold).clamp_min(0)
+
+
+def largest_eigenvalue(
+    operator: Operator, probe: torch.Tensor, tol: float = 1e-7, max_iter: int = 1000
+) -> float:
+    """lambda_max of a symmetric positive semi-definite linear ``operator`` by power iteration
+    from ``probe``; stops when the estimate moves by less than ``tol`` relative."""
+    vector = probe / probe.norm()
+    estimate = 0.0
+    for _ in range(max_iter):
+        image = operator(vector)
+        norm = image.norm().item()
+        if norm == 0.0:
+            return 0.0
+        vector = image / norm
+        if abs(norm - estimate) <= tol * norm:
+            return norm
+        estimate = norm
+    return estimate
+
+
+def lipschitz_constant(
+    forward: Operator, adjoint: Operator, code_shape: tuple[int, ...], like: torch.Tensor
+) -> float:
+    """L = 2 * lambda_max(A^T A) for the gradient of ||y - A z||^2. ``code_shape`` is one code's
+    shape with a leading 1, e.g. (1, k) or (1, k, H, W); ``like`` gives the device and dtype.
+    The probe comes from a fixed generator, so every rank computes the same L."""
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(code_shape, generator=generator).to(like)
+    return 2.0 * largest_eigenvalue(lambda v: adjoint(forward(v)), probe)
+
+
+def energy(y: torch.Tensor, codes: torch.Tensor, forward: Operator, lam: float) -> torch.Tensor:
+    """E(y, z) = ||y - A z||^2 + lam * |z|_1 per sample. Shapes: y (n, ...), codes (n, ...) ->
+    (n,)."""
+    residual = (y - forward(codes)).flatten(1)
+    return residual.pow(2).sum(1) + lam * codes.flatten(1).abs().sum(1)
+
+
+@dataclass
+class Solution:
+    codes: torch.Tensor  # (n, ...) the codes z
+    iterations: int  # iterations run until every sample met the tolerance (or max_iter)
+
+
+@torch.no_grad()
+def solve(
+    y: torch.Tensor,
+    forward: Operator,
+    adjoint: Operator,
+    code_shape: tuple[int, ...],
+    lam: float,
+    tol: float,
+    max_iter: int,
+    accelerated: bool = True,
+    lipschitz: float | None = None,
+) -> Solution:
+    """argmin_z E(y, z) from z = 0 by ISTA, or by FISTA (Beck & Teboulle 2009) if
+    ``accelerated``, for a whole batch at once on y's device.
+
+        ISTA:  z_{t+1} = shrink(x_t - (1/L) * 2 A^T (A x_t - y), lam / L),   x_t = z_t
+        FISTA: s_{t+1} = (1 + sqrt(1 + 4 s_t^2)) / 2,
+               x_{t+1} = z_{t+1} + ((s_t - 1) / s_{t+1}) (z_{t+1} - z_t)
+
+    Each sample stops on its own once ||z_{t+1} - z_t|| <= tol * ||z_{t+1}||, and leaves the
+    working set: later iterations cost only what the unfinished samples cost, and a sample's
+    code does not depend on which other samples share its batch (so a batch split over ranks
+    gives the codes one process would).
+    Shapes: y (n, ...) -> codes (n, *code_shape[1:])."""
+    if lipschitz is None:
+        lipschitz = lipschitz_constant(forward, adjoint, code_shape, y)
+    step, threshold = 1.0 / lipschitz, lam / lipschitz
+    codes = torch.zeros(y.shape[0], *code_shape[1:], dtype=y.dtype, device=y.device)
+    working = torch.arange(y.shape[0], device=y.device)  # samples still iterating
+    current, point, target, momentum = codes, codes, y, 1.0  # the working samples' state
+    iterations = 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - the count is returned
+        new = soft_threshold(point - 2.0 * step * adjoint(forward(point) - target), threshold)
+        if accelerated:
+            new_momentum = (1.0 + math.sqrt(1.0 + 4.0 * momentum * momentum)) / 2.0
+            point = new + ((momentum - 1.0) / new_momentum) * (new - current)
+            momentum = new_momentum
+        else:
+            point = new
+        converged = (new - current).flatten(1).norm(dim=1) <= tol * new.flatten(1).norm(dim=1)
+        current = new
+        if bool(converged.any()):
+            codes[working[converged]] = current[converged]
+            going = ~converged
+            working, current, point, target = (
+                working[going],
+                current[going],
+                point[going],
+                target[going],
+            )
+            if len(working) == 0:
+                break
+    codes[working] = current  # the samples that reached max_iter
+    return Solution(codes=codes, iterations=iterations)
+
+
+def normalize_columns_(weight: torch.Tensor, dim: int) -> None:
+    """Scale every atom of ``weight`` to unit L2 norm in place; ``dim`` lists the atoms
+    (dim=1 for a dictionary (d, k), dim=0 for conv kernels (k, C, s, s)). Without it the
+    dictionary grows and the codes shrink, and the L1 penalty means nothing."""
+    with torch.no_grad():
+        reduce = [axis for axis in range(weight.dim()) if axis != dim]
+        norms = weight.pow(2).sum(dim=reduce, keepdim=True).sqrt()
+        weight.div_(norms.clamp_min(1e-12))
+
+
+def dense_operators(dictionary: torch.Tensor) -> tuple[Operator, Operator]:
+    """A z and A^T r for a dictionary W (d, k): codes (n, k) -> (n, d), residuals back."""
+    return (lambda codes: codes @ dictionary.T), (lambda residual: residual @ dictionary)
