@@ -70,6 +70,15 @@ def use_stack_auth(paths: StatePaths) -> None:
     os.environ.update(ray_auth_env(paths))
 
 
+def _head_env(paths: StatePaths) -> dict[str, str]:
+    """The head's environment, which every driver and worker it starts inherits: the stack's
+    token settings, and no RAY_ADDRESS. A process that ran ray.init() (or a shell set up for
+    another cluster) exports RAY_ADDRESS, and a driver that inherited it would connect to
+    that other cluster instead of this one."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return {**env, **ray_auth_env(paths)}
+
+
 def _ensure_token(paths: StatePaths) -> None:
     # Token authentication stays on, as Ray recommends: the head also listens on the
     # machine's network address, not only on loopback. One token per state folder.
@@ -123,6 +132,7 @@ def up(paths: StatePaths, num_cpus: float | None = None, num_gpus: float = 0) ->
         stdin=subprocess.DEVNULL,
         start_new_session=True,
         cwd=paths.root,
+        env=_head_env(paths),
     )
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

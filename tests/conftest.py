@@ -28,7 +28,10 @@ def ray_local() -> Iterator[None]:
     from pipelines.pretrain import TRAIN_RUNTIME_ENV
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    # address="local": a new instance of our own, never the last `ray start` cluster on the
+    # machine (which a bare ray.init() would join).
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         _temp_dir=temp_dir,
@@ -46,6 +49,8 @@ class Stack:
         self.home = home
         self.env = {**os.environ, "SELFSUP_HOME": str(home)}
         self.env.pop("MLFLOW_TRACKING_URI", None)
+        # ray_local's ray.init() exported its own cluster's address into this process.
+        self.env.pop("RAY_ADDRESS", None)
 
     def cli(
         self, *args: str, check: bool = False, timeout: float = 600
