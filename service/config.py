@@ -8,8 +8,10 @@ see the same jobs and encoders.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,15 @@ class StatePaths:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def ray_temp_dir(self) -> Path:
+        """The Ray head's own temp dir. Ray's job supervisor finds the cluster a driver joins
+        through ``<temp dir>/ray_current_cluster``, which the latest cluster started with the
+        same temp dir overwrites: every stack needs its own. Kept short (Unix socket paths
+        under it are limited to ~107 bytes) and derived from the state folder."""
+        digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"selfsup-ray-{digest}"
 
     @property
     def ray_token_file(self) -> Path:

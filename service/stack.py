@@ -122,6 +122,7 @@ def up(paths: StatePaths, num_cpus: float | None = None, num_gpus: float = 0) ->
         f"--num-cpus={cpus:g}",
         f"--num-gpus={num_gpus:g}",
         "--include-dashboard=true",
+        f"--temp-dir={paths.ray_temp_dir}",
     ]
     log = (paths.logs / "ray-head.log").open("ab")
     # Its own session, so that the head outlives this command and `down` can find its group.
