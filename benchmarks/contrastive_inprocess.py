@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from pipelines.spec import JobSpec, load_spec_text
 from workers.augment import Augment, build_augment
 from workers.data import ImageDataset, Split, load_dataset, split_indices
-from workers.encoders import EncoderConfig, backbone_config, build_encoder
+from workers.encoders import backbone_config, build_encoder
 from workers.methods import Batch, Method, build_method
 from workers.train_loop import _lr_factor, _optimizer
 
@@ -34,7 +34,6 @@ class Training:
     spec: JobSpec
     dataset: ImageDataset
     split: Split
-    encoder_config: EncoderConfig
     method: Method
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -90,6 +89,4 @@ def build_training(spec: JobSpec) -> Training:
         optimizer, lambda step: _lr_factor(step, warmup_steps, total_steps)
     )
     augment = build_augment(spec.augment.preset, dataset.image_size, train.seed, 0)
-    return Training(
-        spec, dataset, split, encoder_config, method, optimizer, scheduler, sampler, loader, augment
-    )
+    return Training(spec, dataset, split, method, optimizer, scheduler, sampler, loader, augment)
