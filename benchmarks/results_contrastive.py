@@ -225,7 +225,10 @@ and budget below; the job path runs the same specs on 2 DDP workers.
 {verdict} The random encoder of the same architecture is itself a strong baseline on 8x8
 digits (random convolutions with a 2x2 spatial pooling keep most of the stroke layout).
 
-## What tuning changed (earlier runs of this script with `--epochs`/`--set`; not regenerated)
+## What tuning changed (not regenerated)
+
+Earlier runs through the same code (`example_spec`, `build_training`, `probe`), with the
+epochs and method parameters changed as `--epochs` and `--set` now do.
 
 1% / 10% accuracies; global batch 256 unless said otherwise.
 
