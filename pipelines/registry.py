@@ -38,26 +38,20 @@ PROVENANCE_FILE = "selfsup.json"
 EXAMPLE_FILE = "load_example.py"
 
 
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
 def code_version() -> str:
     """The package version, plus the git commit of its source tree when it has one
     (``0.1.0+g1a2b3c4d5e6f``, ``.dirty`` when tracked files differ from that commit)."""
     version = importlib.metadata.version("selfsup")
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        changes = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        commit = _git(root, "rev-parse", "--short=12", "HEAD")
+        changes = _git(root, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return version  # an installed copy without its git history
     return f"{version}+g{commit}{'.dirty' if changes else ''}"
