@@ -1,6 +1,7 @@
 """A job's driver, run by Ray Jobs on the head node: pretrain -> evaluate -> register.
 
-Usage: python -m pipelines.driver JOB_FILE   (JOB_FILE is written by the controller)
+Usage: SELFSUP_JOB='{...}' python -m pipelines.driver   (the controller sets SELFSUP_JOB in
+the Ray Job's environment, so the driver needs no file shared with the controller.)
 It reports back only through MLflow (metrics, tags, run status) and its exit code, so it
 never depends on the controller that started it.
 """
@@ -8,6 +9,7 @@ never depends on the controller that started it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import traceback
@@ -17,6 +19,15 @@ import mlflow
 import ray
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
+from ray.exceptions import (
+    NodeDiedError,
+    ObjectLostError,
+    OutOfMemoryError,
+    RayActorError,
+    RaySystemError,
+    WorkerCrashedError,
+)
+from ray.train import ControllerError
 from torch import nn
 
 from pipelines import tags
@@ -36,6 +47,37 @@ def _concise(error: BaseException) -> str:
         cause = cause.__cause__
     lines = [line for line in str(cause).strip().splitlines() if line.strip()]
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:2000]
+
+
+JOB_ENV = "SELFSUP_JOB"
+# A process, node or connection gone: the same job can succeed if run again.
+_INFRA_ERRORS = (
+    RayActorError,
+    RaySystemError,
+    WorkerCrashedError,
+    NodeDiedError,
+    ObjectLostError,
+    OutOfMemoryError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def error_kind(error: BaseException) -> str:
+    """Whether retrying could help: "infra" when only processes, nodes or connections failed;
+    "user" for anything the job itself raised (spec, data, code, a diverging loss)."""
+    if isinstance(error, ControllerError):
+        return tags.INFRA_ERROR
+    failures = getattr(error, "worker_failures", None)  # Ray Train's WorkerGroupError
+    if failures:
+        infra = all(isinstance(failure, _INFRA_ERRORS) for failure in failures.values())
+        return tags.INFRA_ERROR if infra else tags.USER_ERROR
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, _INFRA_ERRORS):
+            return tags.INFRA_ERROR
+        cause = cause.__cause__
+    return tags.USER_ERROR
 
 
 def _evaluate(
@@ -112,7 +154,7 @@ def run_job(job: dict) -> dict[str, float | str]:
     client = MlflowClient(tracking_uri=job["tracking_uri"], registry_uri=job["tracking_uri"])
     run_id, job_id = job["run_id"], job["job_id"]
 
-    checkpoint = pretrain(spec, job_id, run_id, job["tracking_uri"], Path(job["storage_path"]))
+    checkpoint = pretrain(spec, job_id, run_id, job["tracking_uri"], job["storage_path"])
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(checkpoint.to_directory(str(Path(scratch) / "final")))
         encoder_dir = local / ENCODER_DIR
@@ -143,11 +185,11 @@ def run_job(job: dict) -> dict[str, float | str]:
     return summary
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m pipelines.driver JOB_FILE", file=sys.stderr)
+def main() -> int:
+    if JOB_ENV not in os.environ:
+        print(f"usage: {JOB_ENV}='<job JSON>' python -m pipelines.driver", file=sys.stderr)
         return 2
-    job = json.loads(Path(argv[1]).read_text())
+    job = json.loads(os.environ[JOB_ENV])
     mlflow.set_tracking_uri(job["tracking_uri"])
     ray.init(runtime_env=TRAIN_RUNTIME_ENV)  # joins the cluster that runs this Ray Job
     try:
@@ -156,6 +198,7 @@ def main(argv: list[str]) -> int:
         traceback.print_exc()
         client = MlflowClient(tracking_uri=job["tracking_uri"])
         client.set_tag(job["run_id"], tags.ERROR, _concise(error))
+        client.set_tag(job["run_id"], tags.ERROR_KIND, error_kind(error))
         client.set_terminated(job["run_id"], status=RunStatus.to_string(RunStatus.FAILED))
         return 1
     print(json.dumps({"job_id": job["job_id"], **summary}, indent=2))
@@ -163,4 +206,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main())

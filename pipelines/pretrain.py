@@ -7,8 +7,6 @@ storage, so ``ray.train.get_checkpoint()`` in the workers returns the latest che
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -26,7 +24,7 @@ TRAIN_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}
 
 
 def pretrain(
-    spec: JobSpec, job_id: str, run_id: str, tracking_uri: str, storage_path: Path
+    spec: JobSpec, job_id: str, run_id: str, tracking_uri: str, storage_path: str
 ) -> Checkpoint:
     resources = spec.resources
     use_gpu = resources.gpus_per_worker > 0
@@ -46,7 +44,7 @@ def pretrain(
         ),
         run_config=RunConfig(
             name=job_id,
-            storage_path=str(storage_path),
+            storage_path=storage_path,  # a folder, or a URI such as s3://bucket/prefix
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
         ),

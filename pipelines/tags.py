@@ -2,6 +2,10 @@
 
 JOB_ID = "selfsup.job_id"
 ERROR = "selfsup.error"
+# Whose failure it was: "user" (spec, code, data or a diverging loss: retrying cannot help) or
+# "infra" (a worker, node or service died: the controller retries from the checkpoint).
+ERROR_KIND = "selfsup.error_kind"
+USER_ERROR, INFRA_ERROR = "user", "infra"
 MODEL_NAME = "selfsup.model_name"
 MODEL_VERSION = "selfsup.model_version"
 MODEL_ALIAS = "selfsup.model_alias"

@@ -1,7 +1,9 @@
-"""The `selfsup` command line: noun-verb commands over the embedded stack's state folder.
+"""The `selfsup` command line: noun-verb commands. Job commands go to the controller's HTTP API
+with a bearer token; encoder commands read MLflow's Model Registry.
 
-Exit codes: 0 success, 1 the job failed, 2 usage or validation error (or no stack),
-3 not found, 4 refused (an encoder promotion that would make the alias worse).
+Exit codes: 0 success, 1 the job failed, 2 usage or validation error (or no controller),
+3 not found or forbidden (a missing, wrong or other user's token too), 4 refused (an encoder
+promotion that would make the alias worse).
 """
 
 from __future__ import annotations
@@ -9,18 +11,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipelines.spec import SpecError
+import yaml
+
+from service.client import ApiClient, ApiError
 from service.config import StatePaths
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3, 4
-WAIT_POLL_S = 2.0
+WAIT_POLL_S = 1.0
+LOG_POLL_S = 1.0
+BAR_WIDTH = 20
+FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+OUTPUTS = ("table", "json", "yaml")
+STATE_NOTES = {"STARTING": "handed to Ray", "RUNNING": "waiting for the first training step"}
 
 
 class CliError(Exception):
@@ -32,15 +43,16 @@ class CliError(Exception):
 # ---- output ---------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
-    return value
+def _print_document(document: Any, output: str) -> None:
+    if output == "yaml":
+        print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")
+    else:
+        print(json.dumps(document, indent=2, default=str))
 
 
 def _print_rows(rows: list[dict[str, Any]], output: str, columns: Sequence[str]) -> None:
-    if output == "json":
-        print(json.dumps([{k: _jsonable(v) for k, v in row.items()} for row in rows], indent=2))
+    if output != "table":
+        _print_document([{k: _jsonable(v) for k, v in row.items()} for row in rows], output)
         return
     if not rows:
         print("(none)")
@@ -58,9 +70,17 @@ def _print_rows(rows: list[dict[str, Any]], output: str, columns: Sequence[str])
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return value
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str) and _ISO_TIME.fullmatch(value):
+        value = datetime.fromisoformat(value)
     if isinstance(value, datetime):
         return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, float):
@@ -68,31 +88,31 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _job_row(job: Any) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "name": job.name,
-        "state": job.state,
-        "owner": job.owner,
-        "priority": job.priority,
-        "workers": job.spec["resources"]["workers"],
-        "attempts": job.attempts,
-        "created": job.created_at,
-        "started": job.started_at,
-        "finished": job.finished_at,
-        "message": job.message,
-        "mlflow_run_id": job.mlflow_run_id,
-        "result": job.result or {},
-    }
+_ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d)?")
+JOB_FIELDS = (
+    "id",
+    "name",
+    "state",
+    "owner",
+    "priority",
+    "workers",
+    "attempts",
+    "retries",
+    "created",
+    "started",
+    "finished",
+    "waiting",
+    "message",
+    "mlflow_run_id",
+    "run_url",
+)
 
 
-# ---- commands -------------------------------------------------------------------------------
+# ---- the controller's API -------------------------------------------------------------------
 
 
-def _controller(args: argparse.Namespace) -> Any:
-    from service.controller import Controller
-
-    return Controller(StatePaths.discover(args.home))
+def _api(args: argparse.Namespace) -> ApiClient:
+    return ApiClient.discover(StatePaths.discover(args.home))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -103,7 +123,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"selfsup stack up in {paths.root}")
     print(f"  Ray head:   {info.ray_address} ({info.num_cpus:g} CPUs, {info.num_gpus:g} GPUs)")
     print(f"  Ray dashboard / Jobs API: {info.dashboard_url}")
-    print(f"  MLflow:     {paths.tracking_uri}")
+    print(f"  controller: {info.api_url}  (API docs: {info.api_url}/docs)")
+    print(f"  your token: {paths.api_token_file} (admin)")
+    print(f"  MLflow:     {paths.tracking_uri}  (`selfsup ui` serves it)")
     return EXIT_OK
 
 
@@ -115,6 +137,37 @@ def cmd_down(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    return serve(args.config)
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    explicit = args.store_url or os.environ.get("SELFSUP_STORE_URL")
+    return explicit or StatePaths.discover(args.home).store_url
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from service.auth import ADMIN, USER, create_token
+    from service.store import JobStore
+
+    try:
+        token = create_token(JobStore(_store_url(args)), args.user, ADMIN if args.admin else USER)
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    # The token itself is shown once; the store keeps only its hash.
+    print(token)
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from service.store import JobStore
+
+    print(f"revoked {JobStore(_store_url(args)).revoke_tokens(args.user)} token(s) of {args.user}")
+    return EXIT_OK
+
+
 def cmd_job_submit(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
@@ -123,77 +176,78 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
         raise CliError(f"cannot read {path}: {error}", EXIT_USAGE) from None
-    controller = _controller(args)
+    api = _api(args)
+    # One key per invocation unless the user gives theirs: the client's own retries of this
+    # POST can then never queue the job twice.
+    key = args.idempotency_key or uuid.uuid4().hex
     try:
-        job = controller.submit(text)
-    except SpecError as error:
-        raise CliError(f"invalid job spec {path}:\n" + _indent(str(error)), EXIT_USAGE) from None
-    controller.tick()
-    job = controller.get(job.id)
-    if args.output == "json" and not args.wait:
-        print(json.dumps({k: _jsonable(v) for k, v in _job_row(job).items()}, indent=2))
+        job = api.request("POST", "/v1/jobs", {"spec": text}, headers={"Idempotency-Key": key})
+    except ApiError as error:
+        if error.status == 422:
+            raise CliError(
+                f"invalid job spec {path}:\n" + _indent(str(error)), EXIT_USAGE
+            ) from None
+        raise
+    if args.output != "table" and not args.wait:
+        _print_document(job, args.output)
         return EXIT_OK
-    print(f"submitted {job.id} ({job.name}): {job.state}")
-    print(
-        f"  MLflow run: {job.mlflow_run_id}  (`selfsup ui`, then "
-        f"{controller.tracking.run_url_hint(job.mlflow_run_id)})"
-    )
-    return _wait(controller, job.id, args.output) if args.wait else EXIT_OK
+    print(f"submitted {job['id']} ({job['name']}): {job['state']}")
+    print(f"  MLflow run: {job['run_url'] or job['mlflow_run_id']}")
+    return _wait(api, job["id"], args.output) if args.wait else EXIT_OK
 
 
 def _indent(text: str) -> str:
     return "\n".join(f"  {line}" for line in text.splitlines())
 
 
-def _wait(controller: Any, job_id: str, output: str) -> int:
-    """Follow a job to its end, printing progress; exit 0 if it succeeded, else 1."""
-    total_epochs = controller.get(job_id).spec["train"]["epochs"]
-    last_line = ""
+def _progress_line(job: dict[str, Any]) -> str:
+    """A bar over the epochs, then epoch, step, loss and throughput."""
+    progress, epochs = job.get("progress") or {}, job["epochs"]
+    if progress.get("step") is None:
+        state = job["state"]
+        note = job.get("waiting") or job.get("message") or STATE_NOTES.get(state, "")
+        return f"  {state}: {note}"
+    epoch = progress["epoch"] + 1 if progress.get("epoch") is not None else 0
+    filled = round(BAR_WIDTH * epoch / max(epochs, 1))
+    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+    rate = progress.get("samples_per_sec")
+    return (
+        f"  [{bar}] epoch {epoch}/{epochs}  step {progress['step']}  "
+        f"loss {progress['loss']:.4f}" + (f"  {rate:.0f} samples/s" if rate else "")
+    )
+
+
+def _wait(api: ApiClient, job_id: str, output: str) -> int:
+    """Follow a job to its end with a live progress line; exit 0 if it succeeded, else 1."""
+    live = sys.stdout.isatty()
+    last = ""
     while True:
-        controller.tick()
-        job = controller.get(job_id)
-        if job.mlflow_run_id and job.state == "RUNNING":
-            progress = controller.tracking.progress(job.mlflow_run_id)
-            if progress.step is not None:
-                epoch = "-" if progress.epoch is None else f"{progress.epoch + 1}/{total_epochs}"
-                rate = (
-                    f"  {progress.samples_per_sec:.0f} samples/s"
-                    if progress.samples_per_sec
-                    else ""
-                )
-                line = f"  epoch {epoch}  step {progress.step}  loss {progress.loss:.4f}{rate}"
-                if line != last_line:
-                    print(line, flush=True)
-                    last_line = line
-        if job.state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        job = api.request("GET", f"/v1/jobs/{job_id}")
+        line = _progress_line(job)
+        if line != last:
+            # On a terminal the bar redraws in place; in a log each change is its own line.
+            print(("\r\033[K" + line) if live else line, end="" if live else "\n", flush=True)
+            last = line
+        if job["state"] in FINAL_STATES:
             break
         time.sleep(WAIT_POLL_S)
+    if live:
+        print()
     _print_status(job, output)
-    return EXIT_OK if job.state == "SUCCEEDED" else EXIT_JOB_FAILED
+    return EXIT_OK if job["state"] == "SUCCEEDED" else EXIT_JOB_FAILED
 
 
-def _print_status(job: Any, output: str) -> None:
-    row = _job_row(job)
-    if output == "json":
-        print(json.dumps({k: _jsonable(v) for k, v in row.items()}, indent=2))
+def _print_status(job: dict[str, Any], output: str) -> None:
+    if output != "table":
+        _print_document(job, output)
         return
-    for key in (
-        "id",
-        "name",
-        "state",
-        "owner",
-        "priority",
-        "workers",
-        "attempts",
-        "created",
-        "started",
-        "finished",
-        "message",
-        "mlflow_run_id",
-    ):
-        print(f"{key + ':':15}{_cell(row[key])}")
-    if row["result"]:
-        _print_result(row["result"])
+    for key in JOB_FIELDS:
+        if key in job:
+            print(f"{key + ':':15}{_cell(job[key])}")
+    if job.get("progress"):
+        print(f"{'progress:':15}{_progress_line(job).strip()}")
+    if job.get("result"):
+        _print_result(job["result"])
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -210,40 +264,67 @@ def _print_result(result: dict[str, Any]) -> None:
 
 
 def cmd_job_list(args: argparse.Namespace) -> int:
-    controller = _controller(args)
-    controller.tick()
-    rows = [_job_row(job) for job in controller.store.list()]
-    _print_rows(
-        rows, args.output, ["id", "name", "state", "workers", "attempts", "created", "message"]
-    )
+    jobs = _api(args).request("GET", "/v1/jobs", query={"all": str(args.all).lower()})
+    columns = ["id", "name", "state", "owner", "priority", "workers", "attempts", "created"]
+    _print_rows(jobs, args.output, [*columns, "message"])
     return EXIT_OK
 
 
 def cmd_job_status(args: argparse.Namespace) -> int:
-    controller = _controller(args)
-    controller.tick()
-    _print_status(controller.get(args.job_id), args.output)
+    _print_status(_api(args).request("GET", f"/v1/jobs/{args.job_id}"), args.output)
     return EXIT_OK
 
 
 def cmd_job_cancel(args: argparse.Namespace) -> int:
-    job = _controller(args).cancel(args.job_id)
-    print(f"{job.id}: {job.state}")
+    job = _api(args).request("POST", f"/v1/jobs/{args.job_id}/cancel")
+    if args.output != "table":
+        _print_document(job, args.output)
+    else:
+        print(f"{job['id']}: {job['state']} (checkpoints and MLflow run kept)")
     return EXIT_OK
 
 
 def cmd_job_retry(args: argparse.Namespace) -> int:
-    controller = _controller(args)
-    job = controller.retry(args.job_id)
-    controller.tick()
-    print(f"{job.id}: requeued (resumes from its latest checkpoint)")
-    return _wait(controller, job.id, args.output) if args.wait else EXIT_OK
+    api = _api(args)
+    job = api.request("POST", f"/v1/jobs/{args.job_id}/retry")
+    if args.wait:
+        print(f"{job['id']}: requeued (resumes from its latest checkpoint)")
+        return _wait(api, job["id"], args.output)
+    if args.output != "table":
+        _print_document(job, args.output)
+    else:
+        print(f"{job['id']}: requeued (resumes from its latest checkpoint)")
+    return EXIT_OK
 
 
 def cmd_job_logs(args: argparse.Namespace) -> int:
-    controller = _controller(args)
-    controller.tick()
-    sys.stdout.write(controller.logs(args.job_id))
+    """The job's Ray logs; with -f, keep printing what is new until the job has ended."""
+    api = _api(args)
+    offset = 0
+    while True:
+        chunk = api.request("GET", f"/v1/jobs/{args.job_id}/logs", query={"offset": offset})
+        sys.stdout.write(chunk["text"])
+        sys.stdout.flush()
+        offset = chunk["offset"]
+        if not args.follow or (chunk["state"] in FINAL_STATES and not chunk["text"]):
+            return EXIT_OK
+        time.sleep(LOG_POLL_S)
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    api = _api(args)
+    if args.action in ("pause", "resume"):
+        api.request("POST", f"/v1/queue/{args.action}")
+    queue = api.request("GET", "/v1/queue")
+    if args.output != "table":
+        _print_document(queue, args.output)
+        return EXIT_OK
+    cluster = queue["cluster"]
+    print(
+        f"queue {'PAUSED' if queue['paused'] else 'admitting'}: {queue['queued']} queued, "
+        f"{queue['active']} starting or running on {cluster['cpus']:g} CPUs, "
+        f"{cluster['gpus']:g} GPUs"
+    )
     return EXIT_OK
 
 
@@ -420,34 +501,59 @@ def _parser() -> argparse.ArgumentParser:
         return command
 
     def output(command: Any) -> None:
-        command.add_argument("-o", "--output", choices=["table", "json"], default="table")
+        command.add_argument("-o", "--output", choices=OUTPUTS, default="table")
 
-    up = add(nouns, "up", cmd_up, "start the embedded stack (local Ray head)")
+    up = add(nouns, "up", cmd_up, "start the embedded stack: Ray head and controller")
     up.add_argument("--num-cpus", type=float, default=None)
     up.add_argument("--num-gpus", type=float, default=0)
     add(nouns, "down", cmd_down, "stop the embedded stack")
     ui = add(nouns, "ui", cmd_ui, "open the MLflow UI on this state folder's runs")
     ui.add_argument("--port", type=int, default=5000)
+    server = add(nouns, "server", cmd_server, "run the controller alone (see service/settings.py)")
+    server.add_argument("--config", help="settings file (default: $SELFSUP_CONFIG)")
+
+    token = nouns.add_parser("token", help="API tokens (written straight to the job store)")
+    verbs = token.add_subparsers(dest="verb", required=True)
+    create = add(verbs, "create", cmd_token_create, "make a token for USER; printed once")
+    create.add_argument("user")
+    create.add_argument("--admin", action="store_true", help="may see and change all jobs")
+    revoke = add(verbs, "revoke", cmd_token_revoke, "revoke every token of USER")
+    revoke.add_argument("user")
+    for command in (create, revoke):
+        command.add_argument(
+            "--store-url", help="default: $SELFSUP_STORE_URL or the state folder's"
+        )
 
     job = nouns.add_parser("job", help="submit and follow pretraining jobs")
     verbs = job.add_subparsers(dest="verb", required=True)
     submit = add(verbs, "submit", cmd_job_submit, "validate and queue a YAML job spec")
     submit.add_argument("file")
     submit.add_argument("--wait", action="store_true", help="follow the job to its end")
+    submit.add_argument(
+        "--idempotency-key", help="submitting again with the same key returns the same job"
+    )
     output(submit)
-    output(add(verbs, "list", cmd_job_list, "list jobs"))
+    listing = add(verbs, "list", cmd_job_list, "list your jobs")
+    listing.add_argument("--all", action="store_true", help="everyone's jobs (admins)")
+    output(listing)
     for name, handler, text in (
-        ("status", cmd_job_status, "show one job"),
+        ("status", cmd_job_status, "show one job, and why it waits if it does"),
         ("cancel", cmd_job_cancel, "cancel a queued or running job"),
         ("retry", cmd_job_retry, "requeue a failed or cancelled job; it resumes"),
         ("logs", cmd_job_logs, "print a job's driver and worker logs"),
     ):
         command = add(verbs, name, handler, text)
         command.add_argument("job_id")
-        if name in ("status", "retry"):
+        if name == "logs":
+            command.add_argument("-f", "--follow", action="store_true", help="until it ends")
+        else:
             output(command)
         if name == "retry":
             command.add_argument("--wait", action="store_true")
+
+    queue = add(nouns, "queue", cmd_queue, "show the queue; pause or resume admission (admins)")
+    queue.add_argument("action", nargs="?", choices=["status", "pause", "resume"], default="status")
+    output(queue)
 
     encoder = nouns.add_parser("encoder", help="registered encoders")
     verbs = encoder.add_subparsers(dest="verb", required=True)
@@ -490,10 +596,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from service.stack import use_stack_auth
-
-    use_stack_auth(StatePaths.discover(args.home))
-    from service.controller import JobConflict, JobNotFound, StackNotRunning
     from service.registry import PromotionRefused, RegistryError, RegistryNotFound
     from service.stack import StackError
     from service.tracking import TrackingError
@@ -503,16 +605,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.code
-    except (JobNotFound, RegistryNotFound) as error:
+    except ApiError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NOT_FOUND if error.status in (401, 403, 404) else EXIT_USAGE
+    except RegistryNotFound as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NOT_FOUND
     except PromotionRefused as error:
         print(f"refused: {error}", file=sys.stderr)
         return EXIT_REFUSED
-    except RegistryError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (StackNotRunning, JobConflict, StackError, TrackingError) as error:
+    except (RegistryError, StackError, TrackingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from selfsup import cli
+from service.client import ApiClient
 from service.config import StatePaths
 
 SPEC = Path(__file__).resolve().parent.parent / "examples" / "simclr-digits.yaml"
@@ -29,20 +30,20 @@ def main() -> int:
     if cli.main(["up", "--num-cpus", workers_cpus]) != 0:
         return 1
     print(f"\n== submitting {os.path.relpath(SPEC)}", flush=True)
-    before = {job.id for job in _controller(paths).store.list()}
+    api = ApiClient.discover(paths)
+    before = {job["id"] for job in api.request("GET", "/v1/jobs")}
     code = cli.main(["job", "submit", str(SPEC), "--wait"])
-    controller = _controller(paths)
-    new_jobs = [job for job in controller.store.list() if job.id not in before]
+    new_jobs = [job for job in api.request("GET", "/v1/jobs") if job["id"] not in before]
     if not new_jobs:
         return code or 1
     job = new_jobs[0]
-    result = job.result or {}
+    result = job["result"]
 
     print("\n== demo summary")
-    print(f"job:        {job.id}  {job.state}  ({time.monotonic() - started:.0f} s in all)")
-    if job.state != "SUCCEEDED":
-        print(f"reason:     {job.message}")
-        print(f"logs:       {selfsup_cmd} job logs {job.id}")
+    print(f"job:        {job['id']}  {job['state']}  ({time.monotonic() - started:.0f} s in all)")
+    if job["state"] != "SUCCEEDED":
+        print(f"reason:     {job['message']}")
+        print(f"logs:       {selfsup_cmd} job logs {job['id']}")
         return 1
     print("linear probe top-1 on the held-out split (same split, same probe):")
     for label, key in (
@@ -60,12 +61,6 @@ def main() -> int:
     print(f"  or:       {mlflow_cmd} ui --backend-store-uri {paths.tracking_uri}")
     print(f"more:       {selfsup_cmd} job list | {selfsup_cmd} encoder list | {selfsup_cmd} down")
     return 0
-
-
-def _controller(paths: StatePaths):  # noqa: ANN202 - keeps the CLI's lazy imports lazy
-    from service.controller import Controller
-
-    return Controller(paths)
 
 
 if __name__ == "__main__":

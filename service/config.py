@@ -68,6 +68,16 @@ class StatePaths:
         return Path(tempfile.gettempdir()) / f"selfsup-ray-{digest}"
 
     @property
+    def api_token_file(self) -> Path:
+        """The controller token `selfsup up` made for the local user, an admin (mode 0600)."""
+        return self.root / "token"
+
+    @property
+    def server_config(self) -> Path:
+        """The settings `selfsup up` gives its controller server."""
+        return self.root / "server.yaml"
+
+    @property
     def ray_token_file(self) -> Path:
         """The embedded Ray cluster's authentication token (mode 0600)."""
         return self.root / "ray-auth-token"
@@ -82,6 +92,8 @@ class StackInfo:
     head_pid: int
     num_cpus: float
     num_gpus: float
+    api_url: str | None = None  # the controller server's address
+    server_pid: int | None = None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__, indent=2) + "\n")

@@ -1,35 +1,38 @@
-"""The job controller, embedded form: validates and queues jobs, admits them as gangs when
-their workers fit the cluster, runs each as a Ray Job, and reconciles its store with Ray.
+"""The job controller: queues jobs, admits them as gangs, runs each as a Ray Job (submission
+id = job id), follows them, retries what failed for reasons not the user's, and cancels.
 
-It has no loop of its own yet: every CLI command that reads or changes jobs first calls
-``tick()``, which reconciles running jobs and admits queued ones. That is enough for one
-user on one machine, and the same methods serve a long-running server loop.
+User requests (submit, cancel, retry) come from the API's threads; `tick()` runs in the
+server's loop. Every state change is a compare-and-set in the store, and the few steps that
+pair a state change with a Ray call hold one lock, so a cancel can never slip between
+"admitted" and "handed to Ray". The store and Ray are the whole truth: a controller that was
+killed and started again reconciles every unfinished job with Ray's view of it.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
-import sys
+import threading
+import time
 import uuid
-from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from mlflow.entities import RunStatus
 
 from pipelines import tags
 from pipelines.spec import JobSpec, SpecError, load_spec_text
-from service.config import StackInfo, StatePaths
+from service.auth import Principal
 from service.ray_jobs import RayJobPhase, RayJobs
-from service.stack import running_stack
-from service.store import FINAL_STATES, Job, JobState, JobStore, utcnow
-from service.tracking import Tracking
+from service.scheduler import Plan, Policy, Resources, plan
+from service.settings import ServerSettings
+from service.store import ACTIVE_STATES, Job, JobState, JobStore, aware, utcnow
+from service.tracking import Progress, Tracking
+
+CONTROLLER = "controller"
+PAUSED_FLAG = "queue.paused"
+CAPACITY_REFRESH_S = 30.0
 
 
 class JobNotFound(Exception):
-    pass
-
-
-class StackNotRunning(Exception):
     pass
 
 
@@ -37,13 +40,8 @@ class JobConflict(Exception):
     """The job is not in a state that allows the requested change."""
 
 
-@dataclass(frozen=True)
-class Capacity:
-    cpus: float
-    gpus: float
-
-    def fits(self, job: Job) -> bool:
-        return job.cpus <= self.cpus + 1e-9 and job.gpus <= self.gpus + 1e-9
+class IdempotencyConflict(Exception):
+    """An idempotency key reused for a different spec."""
 
 
 def gang_resources(spec: JobSpec) -> tuple[float, float]:
@@ -53,192 +51,309 @@ def gang_resources(spec: JobSpec) -> tuple[float, float]:
 
 
 class Controller:
-    def __init__(self, paths: StatePaths, actor: str | None = None) -> None:
-        self.paths = paths
-        paths.root.mkdir(parents=True, exist_ok=True)
-        self.actor = actor or getpass.getuser()
-        self.store = JobStore(paths.store_url)
-        self.tracking = Tracking(paths.tracking_uri, paths.artifacts)
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.store = JobStore(settings.store_url)
+        self.tracking = Tracking(settings.tracking_uri, settings.artifact_root)
+        self.ray = RayJobs(settings.ray_dashboard_url)
+        self._lock = threading.RLock()  # pairs a state change with its Ray call
+        self._submit_lock = threading.Lock()  # one MLflow run per idempotency key
+        self._capacity: tuple[float, Resources] | None = None
 
-    # ---- the cluster ----------------------------------------------------------------------
+    # ---- the cluster ------------------------------------------------------------------------
 
-    def stack(self) -> StackInfo | None:
-        return running_stack(self.paths)
+    def capacity(self) -> Resources:
+        """The cluster's whole size (settings first, else Ray's live nodes), briefly cached."""
+        now = time.monotonic()
+        if self._capacity is None or now - self._capacity[0] > CAPACITY_REFRESH_S:
+            cpus, gpus = self.settings.cluster_cpus, self.settings.cluster_gpus
+            if cpus is None or gpus is None:
+                ray_cpus, ray_gpus = self.ray.cluster_resources()
+                cpus = ray_cpus if cpus is None else cpus
+                gpus = ray_gpus if gpus is None else gpus
+            self._capacity = (now, Resources(cpus, gpus))
+        return self._capacity[1]
 
-    def _ray(self) -> tuple[StackInfo, RayJobs]:
-        stack = self.stack()
-        if stack is None:
-            raise StackNotRunning(
-                f"no selfsup stack is running for {self.paths.root}: start it with `selfsup up`"
-            )
-        return stack, RayJobs(stack.dashboard_url)
+    def policy(self) -> Policy:
+        return Policy(
+            aging_per_minute=self.settings.aging_per_minute,
+            max_workers_per_user=self.settings.max_workers_per_user,
+            paused=self.store.flag(PAUSED_FLAG) == "true",
+        )
 
-    # ---- user requests --------------------------------------------------------------------
+    def set_paused(self, principal: Principal, paused: bool) -> None:
+        self.store.set_flag(PAUSED_FLAG, "true" if paused else "false")
 
-    def submit(self, spec_text: str) -> Job:
-        """Validate, then queue. A SpecError leaves nothing behind."""
+    # ---- user requests ----------------------------------------------------------------------
+
+    def submit(
+        self, principal: Principal, spec_text: str, key: str | None = None
+    ) -> tuple[Job, bool]:
+        """Validate, then queue; (job, True) if new, (the key's earlier job, False) if the
+        key was seen. A SpecError leaves nothing behind."""
         spec = load_spec_text(spec_text)
-        stack, _ = self._ray()
         cpus, gpus = gang_resources(spec)
-        if cpus > stack.num_cpus or gpus > stack.num_gpus:
+        total = self.capacity()
+        if not Resources(cpus, gpus).fits_within(total):
             raise SpecError(
                 [
                     (
                         "resources",
                         f"the job needs {cpus:g} CPUs and {gpus:g} GPUs at once; the cluster "
-                        f"has {stack.num_cpus:g} CPUs and {stack.num_gpus:g} GPUs",
+                        f"has {total.cpus:g} CPUs and {total.gpus:g} GPUs",
                     )
                 ]
             )
-        job_id = f"job-{uuid.uuid4().hex[:10]}"
-        run_id = self.tracking.create_job_run(job_id, spec)
-        now = utcnow()
-        job = Job(
-            id=job_id,
-            name=spec.name,
-            owner=self.actor,
-            state=str(JobState.QUEUED),
-            priority=spec.priority,
-            spec_yaml=spec_text,
-            spec=spec.model_dump(mode="json"),
-            config_hash=spec.config_hash(),
-            cpus=cpus,
-            gpus=gpus,
-            attempts=0,
-            mlflow_run_id=run_id,
-            created_at=now,
-            updated_at=now,
-        )
-        return self.store.add(job, actor=self.actor, reason="submitted")
+        with self._submit_lock:
+            if key is not None and (earlier := self._by_key(principal, key, spec_text)):
+                return earlier, False
+            job_id = f"job-{uuid.uuid4().hex[:12]}"
+            run_id = self.tracking.create_job_run(job_id, spec)
+            now = utcnow()
+            job = Job(
+                id=job_id,
+                name=spec.name,
+                owner=principal.user,
+                idempotency_key=key,
+                state=str(JobState.QUEUED),
+                priority=spec.priority,
+                spec_yaml=spec_text,
+                spec=spec.model_dump(mode="json"),
+                config_hash=spec.config_hash(),
+                workers=spec.resources.workers,
+                cpus=cpus,
+                gpus=gpus,
+                max_retries=spec.max_retries,
+                mlflow_run_id=run_id,
+                created_at=now,
+                updated_at=now,
+            )
+            added = self.store.add(job, actor=principal.user, reason="submitted")
+            if added is None:  # another server process stored the same key first
+                self.tracking.client.delete_run(run_id)
+                return self._by_key(principal, key or "", spec_text), False
+            return added, True
 
-    def get(self, job_id: str) -> Job:
-        job = self.store.get(job_id)
-        if job is None:
-            raise JobNotFound(f"no job {job_id!r} in {self.paths.root}")
+    def _by_key(self, principal: Principal, key: str, spec_text: str) -> Job | None:
+        job = self.store.by_key(principal.user, key)
+        if job is not None and job.spec_yaml != spec_text:
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} was used for job {job.id} with a different spec"
+            )
         return job
 
-    def cancel(self, job_id: str) -> Job:
-        job = self.get(job_id)
-        if JobState(job.state).is_final:
-            raise JobConflict(f"job {job_id} is already {job.state}")
-        if job.state == JobState.RUNNING:
-            _, ray = self._ray()
-            ray.stop(job_id)
-        self.store.transition(
-            job_id,
-            [JobState(job.state)],
-            JobState.CANCELLED,
-            self.actor,
-            "cancelled by user",
-            finished_at=utcnow(),
-        )
-        if job.mlflow_run_id:
-            self.tracking.mark_run(job.mlflow_run_id, RunStatus.KILLED)
-        return self.get(job_id)
+    def get(self, principal: Principal, job_id: str) -> Job:
+        """A job the principal may see; another user's job is as unknown as a missing one."""
+        job = self.store.get(job_id)
+        if job is None or not principal.may_see(job.owner):
+            raise JobNotFound(f"no job {job_id!r} visible to {principal.user}")
+        return job
 
-    def retry(self, job_id: str) -> Job:
+    def list(self, principal: Principal, everyone: bool = False) -> list[Job]:
+        owner = None if (everyone and principal.is_admin) else principal.user
+        return self.store.list(owner=owner)
+
+    def cancel(self, principal: Principal, job_id: str) -> Job:
+        """Stop the Ray job if one runs; checkpoints and the MLflow run stay (marked killed)."""
+        with self._lock:
+            job = self.get(principal, job_id)
+            state = JobState(job.state)
+            if state.is_final:
+                raise JobConflict(f"job {job_id} is already {job.state}")
+            if state in ACTIVE_STATES:
+                self.ray.stop(job_id)
+            self.store.transition(
+                job_id,
+                [state],
+                JobState.CANCELLED,
+                principal.user,
+                f"cancelled by {principal.user}",
+                finished_at=utcnow(),
+                message=f"cancelled by {principal.user}",
+            )
+            if job.mlflow_run_id:
+                self.tracking.mark_run(job.mlflow_run_id, RunStatus.KILLED)
+            return self.get(principal, job_id)
+
+    def retry(self, principal: Principal, job_id: str) -> Job:
         """Requeue a failed or cancelled job under the same id: it resumes from its latest
-        checkpoint, and keeps logging into the same MLflow run."""
-        job = self.get(job_id)
-        if job.state not in (JobState.FAILED, JobState.CANCELLED):
-            raise JobConflict(f"job {job_id} is {job.state}: only FAILED or CANCELLED jobs retry")
-        self.store.transition(
-            job_id,
-            [JobState(job.state)],
-            JobState.QUEUED,
-            self.actor,
-            "retried by user",
-            finished_at=None,
-            message=None,
-        )
-        if job.mlflow_run_id:
-            self.tracking.client.update_run(job.mlflow_run_id, status="RUNNING")
-        return self.get(job_id)
+        checkpoint and keeps logging into the same MLflow run."""
+        with self._lock:
+            job = self.get(principal, job_id)
+            if job.state not in (JobState.FAILED, JobState.CANCELLED):
+                raise JobConflict(
+                    f"job {job_id} is {job.state}: only FAILED or CANCELLED jobs can be retried"
+                )
+            self.store.transition(
+                job_id,
+                [JobState(job.state)],
+                JobState.QUEUED,
+                principal.user,
+                f"retried by {principal.user}",
+                finished_at=None,
+                message=None,
+                retries=0,
+                not_before=None,
+            )
+            return self.get(principal, job_id)
 
-    def logs(self, job_id: str) -> str:
-        self.get(job_id)
-        _, ray = self._ray()
-        if ray.view(job_id).phase is RayJobPhase.MISSING:
+    def logs(self, principal: Principal, job_id: str) -> str:
+        self.get(principal, job_id)
+        if self.ray.view(job_id).phase is RayJobPhase.MISSING:
             return ""
-        return ray.logs(job_id)
+        return self.ray.logs(job_id)
 
-    # ---- the control loop's one turn ------------------------------------------------------
+    def waiting_reason(self, job: Job) -> str | None:
+        if job.state == JobState.RETRYING and job.not_before:
+            return f"retry backoff until {aware(job.not_before).isoformat(timespec='seconds')}"
+        if job.state != JobState.QUEUED:
+            return None
+        return self._plan().waiting.get(job.id, "next to start (at the controller's next turn)")
+
+    def progress(self, job: Job) -> Progress | None:
+        if job.state != JobState.RUNNING or not job.mlflow_run_id:
+            return None
+        return self.tracking.progress(job.mlflow_run_id)
+
+    def run_url(self, job: Job) -> str | None:
+        base = self.settings.mlflow_ui_url or (
+            self.settings.tracking_uri if self.settings.tracking_uri.startswith("http") else None
+        )
+        if not job.mlflow_run_id or base is None:
+            return None
+        return base.rstrip("/") + "/" + self.tracking.run_url_hint(job.mlflow_run_id)
+
+    # ---- the loop's one turn ----------------------------------------------------------------
 
     def tick(self) -> None:
-        """Reconcile running jobs with Ray, then admit what fits. No-op without a stack."""
-        if self.stack() is None:
-            return
-        self.reconcile()
-        self.schedule()
+        """Reconcile active jobs with Ray, requeue retries whose backoff is over, admit."""
+        with self._lock:
+            now = utcnow()
+            for job in self.store.list(ACTIVE_STATES):
+                self._reconcile(job, now)
+            for job in self.store.list([JobState.RETRYING]):
+                if job.not_before is None or aware(job.not_before) <= now:
+                    self.store.transition(
+                        job.id,
+                        [JobState.RETRYING],
+                        JobState.QUEUED,
+                        CONTROLLER,
+                        "backoff over: requeued",
+                    )
+            for job in self._plan().admit:
+                self._start(job)
 
-    def free_capacity(self, stack: StackInfo) -> Capacity:
-        running = self.store.list([JobState.RUNNING])
-        return Capacity(
-            cpus=stack.num_cpus - sum(job.cpus for job in running),
-            gpus=stack.num_gpus - sum(job.gpus for job in running),
-        )
-
-    def schedule(self) -> None:
-        stack, ray = self._ray()
-        free = self.free_capacity(stack)
-        queued = sorted(
+    def _plan(self) -> Plan:
+        return plan(
             self.store.list([JobState.QUEUED]),
-            key=lambda job: (-job.priority, job.created_at),
+            self.store.list(ACTIVE_STATES),
+            self.capacity(),
+            self.policy(),
+            utcnow(),
         )
-        for job in queued:
-            # Strict order: a gang that does not fit waits, and nothing behind it jumps ahead,
-            # so a wide job cannot be starved by a stream of narrow ones.
-            if not free.fits(job):
-                break
-            self._start(job, ray)
-            free = Capacity(free.cpus - job.cpus, free.gpus - job.gpus)
 
-    def _start(self, job: Job, ray: RayJobs) -> None:
-        job_dir = self.paths.jobs / job.id
-        job_dir.mkdir(parents=True, exist_ok=True)
-        job_file = job_dir / "job.json"
-        job_file.write_text(
-            json.dumps(
-                {
-                    "job_id": job.id,
-                    "spec": job.spec,
-                    "run_id": job.mlflow_run_id,
-                    "tracking_uri": self.paths.tracking_uri,
-                    "storage_path": str(self.paths.runs),
-                },
-                indent=2,
-            )
-        )
+    def _start(self, job: Job) -> None:
         moved = self.store.transition(
             job.id,
             [JobState.QUEUED],
-            JobState.RUNNING,
-            "controller",
-            "admitted: gang fits",
+            JobState.STARTING,
+            CONTROLLER,
+            "admitted: the gang fits",
             started_at=utcnow(),
             attempts=job.attempts + 1,
+            progress_step=None,
+            progress_at=utcnow(),
         )
         if not moved:
-            return  # another process admitted it first
-        try:
-            ray.submit(job.id, f"{sys.executable} -m pipelines.driver {job_file}", env={})
-        except Exception as error:  # noqa: BLE001 - any failure to hand over fails the job
-            self._finish(job, JobState.FAILED, f"could not submit to Ray: {error}")
+            return
+        if job.mlflow_run_id:
+            self.tracking.client.update_run(job.mlflow_run_id, status="RUNNING")
+        self._hand_over(job)
 
-    def reconcile(self) -> None:
-        _, ray = self._ray()
-        for job in self.store.list([JobState.RUNNING]):
-            view = ray.view(job.id)
-            if view.phase in (RayJobPhase.PENDING, RayJobPhase.RUNNING):
-                continue
-            if view.phase is RayJobPhase.SUCCEEDED:
-                self._finish(job, JobState.SUCCEEDED, "finished", result=self._result(job))
-            elif view.phase is RayJobPhase.STOPPED:
-                self._finish(job, JobState.CANCELLED, "stopped in Ray")
-            elif view.phase is RayJobPhase.MISSING:
-                self._finish(job, JobState.FAILED, "the Ray cluster no longer knows this job")
-            else:
-                self._finish(job, JobState.FAILED, self._failure_reason(job, view.message))
+    def _hand_over(self, job: Job) -> None:
+        payload = {
+            "job_id": job.id,
+            "spec": job.spec,
+            "run_id": job.mlflow_run_id,
+            "tracking_uri": self.settings.tracking_uri,
+            "storage_path": self.settings.storage_path,
+        }
+        entrypoint = f"{self.settings.driver_python} -m pipelines.driver"
+        try:
+            self.ray.submit(job.id, entrypoint, env={"SELFSUP_JOB": json.dumps(payload)})
+        except Exception as error:  # noqa: BLE001 - any failure to hand over is retried
+            self._failed(job, f"could not submit to Ray: {error}", user_error=False)
+
+    def _reconcile(self, job: Job, now: datetime) -> None:
+        view = self.ray.view(job.id)
+        state = JobState(job.state)
+        if view.phase is RayJobPhase.MISSING and state is JobState.STARTING:
+            self._hand_over(job)  # the controller died between admitting and handing over
+        elif view.phase is RayJobPhase.PENDING:
+            return
+        elif view.phase is RayJobPhase.RUNNING:
+            if state is JobState.STARTING:
+                self.store.transition(
+                    job.id, [state], JobState.RUNNING, CONTROLLER, "the driver is running"
+                )
+            self._watch(job, now)
+        elif view.phase is RayJobPhase.SUCCEEDED:
+            self._end(job, JobState.SUCCEEDED, "finished", result=self._result(job))
+        elif view.phase is RayJobPhase.STOPPED:
+            self._end(job, JobState.CANCELLED, "stopped in Ray, outside selfsup")
+        elif view.phase is RayJobPhase.MISSING:
+            self._failed(job, "the Ray cluster no longer knows this job", user_error=False)
+        else:
+            reason, user_error = self._failure(job, view.message)
+            self._failed(job, reason, user_error)
+
+    def _watch(self, job: Job, now: datetime) -> None:
+        """The watchdog: a running job whose training step has not moved for watchdog_s is
+        stopped and handled as a failure that is not the user's."""
+        if not job.mlflow_run_id:
+            return
+        step = self.tracking.progress(job.mlflow_run_id).step
+        if step is not None and step != job.progress_step:
+            self.store.update(job.id, progress_step=step, progress_at=now)
+            return
+        since = aware(job.progress_at or job.started_at or now)
+        if (now - since).total_seconds() > self.settings.watchdog_s:
+            self.ray.stop(job.id)
+            self._failed(
+                job,
+                f"no training progress for {self.settings.watchdog_s:g} s (watchdog)",
+                user_error=False,
+            )
+
+    def _failure(self, job: Job, ray_message: str) -> tuple[str, bool]:
+        """The driver's own account of a failure, and whether it was the user's."""
+        if job.mlflow_run_id:
+            _, run_tags = self.tracking.run_metrics_and_tags(job.mlflow_run_id)
+            if tags.ERROR in run_tags:
+                kind = run_tags.get(tags.ERROR_KIND, tags.USER_ERROR)
+                return run_tags[tags.ERROR], kind == tags.USER_ERROR
+        # No account: the driver process itself died (killed, out of memory, node lost).
+        return ray_message or "the driver exited without a reason", False
+
+    def _failed(self, job: Job, reason: str, user_error: bool) -> None:
+        if user_error or job.retries >= job.max_retries:
+            note = "" if user_error or not job.max_retries else f" (after {job.retries} retries)"
+            self._end(job, JobState.FAILED, reason + note)
+            return
+        delay = min(
+            self.settings.retry_backoff_s * 2**job.retries, self.settings.retry_backoff_max_s
+        )
+        message = f"{reason}; retry {job.retries + 1} of {job.max_retries} in {delay:g} s"
+        self.store.transition(
+            job.id,
+            ACTIVE_STATES,
+            JobState.RETRYING,
+            CONTROLLER,
+            message,
+            retries=job.retries + 1,
+            not_before=utcnow() + timedelta(seconds=delay),
+            message=message,
+        )
 
     def _result(self, job: Job) -> dict:
         if not job.mlflow_run_id:
@@ -254,23 +369,11 @@ class Controller:
             result["evaluation_skipped"] = run_tags[tags.EVAL_SKIPPED]
         return result
 
-    def _failure_reason(self, job: Job, ray_message: str) -> str:
-        if job.mlflow_run_id:
-            _, run_tags = self.tracking.run_metrics_and_tags(job.mlflow_run_id)
-            if tags.ERROR in run_tags:
-                return run_tags[tags.ERROR]
-        return ray_message or "the driver failed; see `selfsup job logs`"
-
-    def _finish(self, job: Job, state: JobState, reason: str, result: dict | None = None) -> None:
+    def _end(self, job: Job, state: JobState, reason: str, result: dict | None = None) -> None:
         fields = {"finished_at": utcnow(), "message": reason}
         if result is not None:
             fields["result"] = result
-        moved = self.store.transition(
-            job.id, [JobState.RUNNING], state, "controller", reason, **fields
-        )
+        moved = self.store.transition(job.id, ACTIVE_STATES, state, CONTROLLER, reason, **fields)
         if moved and job.mlflow_run_id and state is not JobState.SUCCEEDED:
             status = RunStatus.KILLED if state is JobState.CANCELLED else RunStatus.FAILED
             self.tracking.mark_run(job.mlflow_run_id, status)
-
-    def is_final(self, job_id: str) -> bool:
-        return JobState(self.get(job_id).state) in FINAL_STATES

@@ -4,9 +4,13 @@ controller can exit and come back without killing them."""
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 
 from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.util.state import list_nodes
+
+STOP_GRACE_S = 30.0
 
 
 class RayJobPhase(enum.Enum):
@@ -26,6 +30,7 @@ class RayJobView:
 
 class RayJobs:
     def __init__(self, dashboard_url: str) -> None:
+        self.address = dashboard_url
         self.client = JobSubmissionClient(dashboard_url)
 
     def submit(self, job_id: str, entrypoint: str, env: dict[str, str]) -> None:
@@ -56,7 +61,24 @@ class RayJobs:
         return RayJobView(phase, info.message or "")
 
     def stop(self, job_id: str) -> None:
+        """Stop the job and wait (a bounded time) until Ray has ended it, so that a retry that
+        follows never mistakes the dying attempt for a live one."""
+        if self.view(job_id).phase not in (RayJobPhase.PENDING, RayJobPhase.RUNNING):
+            return
         self.client.stop_job(job_id)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline:
+            if self.view(job_id).phase not in (RayJobPhase.PENDING, RayJobPhase.RUNNING):
+                return
+            time.sleep(0.25)
 
     def logs(self, job_id: str) -> str:
         return self.client.get_job_logs(job_id)
+
+    def cluster_resources(self) -> tuple[float, float]:
+        """CPUs and GPUs of the cluster's live nodes, as Ray counts them."""
+        nodes = list_nodes(address=self.address, detail=True, raise_on_missing_output=False)
+        alive = [node for node in nodes if node.state == "ALIVE"]
+        cpus = sum(node.resources_total.get("CPU", 0.0) for node in alive)
+        gpus = sum(node.resources_total.get("GPU", 0.0) for node in alive)
+        return float(cpus), float(gpus)

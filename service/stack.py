@@ -1,13 +1,17 @@
 """`selfsup up` / `selfsup down`: the embedded stack on one machine.
 
-A Ray head (with its dashboard, which serves the Ray Jobs API) runs as a detached process
-group; MLflow and the job store are SQLite files in the state folder and need no process.
-Every port is chosen free at start, so two state folders never collide.
+Two detached process groups: a Ray head (its dashboard serves the Ray Jobs API) and the
+controller server on loopback (`python -m service.server`). MLflow and the job store are
+SQLite files in the state folder and need no process. Every port is chosen free at start, so
+two state folders never collide. `up` starts whatever part is not running, so after the
+controller was killed it brings the controller back beside the running Ray head and its jobs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import getpass
 import os
 import secrets
 import signal
@@ -17,9 +21,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+from service.auth import ADMIN, create_token
 from service.config import StackInfo, StatePaths
+from service.settings import ServerSettings
+from service.store import JobStore
 
 STARTUP_TIMEOUT_S = 90.0
 SHUTDOWN_TIMEOUT_S = 30.0
@@ -45,12 +53,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _dashboard_up(url: str) -> bool:
-    """True once the dashboard answers HTTP at all. With Ray's token authentication on (the
-    default once ~/.ray/auth_token exists) it answers 401 to this anonymous probe; Ray's own
-    job client sends the token."""
+def _answers(url: str) -> bool:
+    """True once ``url`` answers HTTP at all. With Ray's token authentication on, the
+    dashboard answers 401 to this anonymous probe; Ray's own job client sends the token."""
     try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
     except urllib.error.HTTPError:
         return True
@@ -64,12 +71,6 @@ def ray_auth_env(paths: StatePaths) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(paths.ray_token_file)}
 
 
-def use_stack_auth(paths: StatePaths) -> None:
-    """Make this process's Ray clients authenticate to the stack of ``paths``. Ray reads these
-    variables once, when it is first imported: call this before anything imports ray."""
-    os.environ.update(ray_auth_env(paths))
-
-
 def _head_env(paths: StatePaths) -> dict[str, str]:
     """The head's environment, which every driver and worker it starts inherits: the stack's
     token settings, and no RAY_ADDRESS. A process that ran ray.init() (or a shell set up for
@@ -79,28 +80,91 @@ def _head_env(paths: StatePaths) -> dict[str, str]:
     return {**env, **ray_auth_env(paths)}
 
 
+def _write_secret(path: Path, secret: str) -> None:
+    """Create ``path`` readable by its owner only; never overwrite one that exists."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secret)
+
+
 def _ensure_token(paths: StatePaths) -> None:
     # Token authentication stays on, as Ray recommends: the head also listens on the
     # machine's network address, not only on loopback. One token per state folder.
     if not paths.ray_token_file.is_file():
-        descriptor = os.open(paths.ray_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32))
+        _write_secret(paths.ray_token_file, secrets.token_hex(32))
 
 
 def running_stack(paths: StatePaths) -> StackInfo | None:
-    """The stack recorded in the state folder, if its head is alive and answering."""
+    """The stack recorded in the state folder, if its Ray head is alive and answering."""
     stack = StackInfo.load(paths.stack_file)
-    if stack and _alive(stack.head_pid) and _dashboard_up(stack.dashboard_url):
+    if stack and _alive(stack.head_pid) and _answers(f"{stack.dashboard_url}/api/version"):
         return stack
     return None
 
 
+def _controller_up(stack: StackInfo) -> bool:
+    return bool(
+        stack.server_pid
+        and stack.api_url
+        and _alive(stack.server_pid)
+        and _answers(f"{stack.api_url}/healthz")
+    )
+
+
+def _ensure_admin_token(paths: StatePaths, store_url: str) -> None:
+    """The local user's controller token, an admin's: made once, kept in the state folder."""
+    if paths.api_token_file.is_file():
+        return
+    _write_secret(paths.api_token_file, create_token(JobStore(store_url), getpass.getuser(), ADMIN))
+
+
 def up(paths: StatePaths, num_cpus: float | None = None, num_gpus: float = 0) -> StackInfo:
-    """Start the stack for ``paths`` (or return the one already running)."""
-    existing = running_stack(paths)
-    if existing:
-        return existing
+    """Start what is not running of the stack for ``paths``: the Ray head, the controller."""
+    stack = running_stack(paths) or _start_ray(paths, num_cpus, num_gpus)
+    if _controller_up(stack):
+        return stack
+    settings = ServerSettings(
+        port=_free_port(),
+        store_url=paths.store_url,
+        tracking_uri=paths.tracking_uri,
+        artifact_root=str(paths.artifacts),
+        mlflow_ui_url="http://127.0.0.1:5000",  # where `selfsup ui` serves
+        ray_dashboard_url=stack.dashboard_url,
+        ray_token_file=str(paths.ray_token_file),
+        storage_path=str(paths.runs),
+    )
+    settings.save(paths.server_config)
+    _ensure_admin_token(paths, settings.store_url)
+    log = (paths.logs / "controller.log").open("ab")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.server", "--config", str(paths.server_config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=_head_env(paths),
+    )
+    api_url = f"http://127.0.0.1:{settings.port}"
+    _wait_until(
+        lambda: _answers(f"{api_url}/healthz"),
+        server,
+        f"the controller did not start (see {paths.logs / 'controller.log'})",
+    )
+    stack = dataclasses.replace(stack, api_url=api_url, server_pid=server.pid)
+    stack.save(paths.stack_file)
+    return stack
+
+
+def _wait_until(ready: Callable[[], bool], process: subprocess.Popen, failure: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            _stop_group(process.pid)
+            raise StackError(failure)
+        time.sleep(0.25)
+
+
+def _start_ray(paths: StatePaths, num_cpus: float | None, num_gpus: float) -> StackInfo:
     paths.stack_file.unlink(missing_ok=True)
     for folder in (paths.root, paths.logs, paths.runs, paths.jobs, paths.artifacts):
         folder.mkdir(parents=True, exist_ok=True)
@@ -136,12 +200,11 @@ def up(paths: StatePaths, num_cpus: float | None = None, num_gpus: float = 0) ->
         env=_head_env(paths),
     )
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not _dashboard_up(dashboard_url):
-        if head.poll() is not None or time.monotonic() > deadline:
-            _stop_group(head.pid)
-            raise StackError(f"the Ray head did not start (see {paths.logs / 'ray-head.log'})")
-        time.sleep(0.5)
+    _wait_until(
+        lambda: _answers(f"{dashboard_url}/api/version"),
+        head,
+        f"the Ray head did not start (see {paths.logs / 'ray-head.log'})",
+    )
     stack = StackInfo(
         ray_address=f"127.0.0.1:{gcs_port}",
         dashboard_url=dashboard_url,
@@ -170,10 +233,13 @@ def _stop_group(head_pid: int) -> None:
 
 
 def down(paths: StatePaths) -> bool:
-    """Stop the stack; False if none was running. Jobs, runs and models stay on disk."""
+    """Stop the controller, then Ray; False if nothing was running. Jobs, runs and models
+    stay on disk."""
     stack = StackInfo.load(paths.stack_file)
     if stack is None:
         return False
+    if stack.server_pid:
+        _stop_group(stack.server_pid)
     _stop_group(stack.head_pid)
     paths.stack_file.unlink(missing_ok=True)
     return True

@@ -1,8 +1,9 @@
-"""The persistent job store: jobs and an append-only log of their state transitions.
+"""The persistent job store: jobs, an append-only log of their state transitions, API tokens
+and the controller's own flags.
 
 SQLAlchemy, so the same code runs on the embedded SQLite file and on PostgreSQL. Every state
-change is a compare-and-set (UPDATE ... WHERE state IN (...)), so two controllers or two CLI
-processes racing on one job cannot both move it.
+change is a compare-and-set (UPDATE ... WHERE state = current), so two controllers, or the
+controller loop racing a user's cancel, cannot both move one job.
 """
 
 from __future__ import annotations
@@ -20,18 +21,23 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
+    func,
     select,
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
 class JobState(enum.StrEnum):
     QUEUED = "QUEUED"
+    STARTING = "STARTING"  # handed to Ray, driver not running yet
     RUNNING = "RUNNING"
+    RETRYING = "RETRYING"  # failed, not by the user's fault: QUEUED again after a backoff
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
@@ -42,11 +48,17 @@ class JobState(enum.StrEnum):
 
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-ACTIVE_STATES = frozenset({JobState.RUNNING})
+# Jobs that hold their gang's resources in the Ray cluster.
+ACTIVE_STATES = frozenset({JobState.STARTING, JobState.RUNNING})
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def aware(moment: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone; they were stored in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -55,18 +67,27 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
+    # A client's idempotency key names one job per owner: a repeated POST finds it.
+    __table_args__ = (UniqueConstraint("owner", "idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
-    owner: Mapped[str] = mapped_column(String(128), default="local")
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     spec_yaml: Mapped[str] = mapped_column(Text)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     config_hash: Mapped[str] = mapped_column(String(32))
+    workers: Mapped[int] = mapped_column(Integer)
     cpus: Mapped[float] = mapped_column(Float)
     gpus: Mapped[float] = mapped_column(Float)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # hand-overs to Ray
+    retries: Mapped[int] = mapped_column(Integer, default=0)  # automatic retries used
+    max_retries: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    progress_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -90,12 +111,32 @@ class Transition(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class ApiToken(Base):
+    """A bearer token's SHA-256 (never the token) and the user and role it stands for."""
+
+    __tablename__ = "api_tokens"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String(128), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Flag(Base):
+    """The controller's switches that must survive its restart (the queue's pause)."""
+
+    __tablename__ = "controller_flags"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
 def _sqlite_pragmas(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(connection: Any, _record: Any) -> None:
         cursor = connection.cursor()
-        # WAL lets the CLI read while a driver or another CLI writes; the busy timeout makes
-        # a writer wait for the lock instead of failing.
+        # WAL lets readers go on while the controller writes; the busy timeout makes a writer
+        # wait for the lock instead of failing.
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
@@ -103,37 +144,59 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
 class JobStore:
     def __init__(self, url: str) -> None:
-        self.engine = create_engine(url)
+        self.engine = create_engine(url, pool_size=10, max_overflow=30)
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
         Base.metadata.create_all(self.engine)
 
-    def add(self, job: Job, actor: str, reason: str) -> Job:
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            session.add(job)
-            session.flush()
-            session.add(
-                Transition(
-                    job_id=job.id,
-                    from_state=None,
-                    to_state=job.state,
-                    actor=actor,
-                    reason=reason,
-                    at=job.created_at,
+    def _session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # ---- jobs -------------------------------------------------------------------------------
+
+    def add(self, job: Job, actor: str, reason: str) -> Job | None:
+        """Insert a job and its first transition; None if its (owner, idempotency key) exists."""
+        try:
+            with self._session() as session, session.begin():
+                session.add(job)
+                session.flush()
+                session.add(
+                    Transition(
+                        job_id=job.id,
+                        from_state=None,
+                        to_state=job.state,
+                        actor=actor,
+                        reason=reason,
+                        at=job.created_at,
+                    )
                 )
-            )
+        except IntegrityError:
+            if job.idempotency_key is None:
+                raise
+            return None
         return job
 
     def get(self, job_id: str) -> Job | None:
-        with Session(self.engine, expire_on_commit=False) as session:
+        with self._session() as session:
             return session.get(Job, job_id)
 
-    def list(self, states: Iterable[JobState] | None = None) -> list[Job]:
+    def by_key(self, owner: str, key: str) -> Job | None:
+        query = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+        with self._session() as session:
+            return session.scalar(query)
+
+    def list(self, states: Iterable[JobState] | None = None, owner: str | None = None) -> list[Job]:
         query = select(Job).order_by(Job.created_at.desc())
         if states is not None:
             query = query.where(Job.state.in_([str(state) for state in states]))
-        with Session(self.engine, expire_on_commit=False) as session:
+        if owner is not None:
+            query = query.where(Job.owner == owner)
+        with self._session() as session:
             return list(session.scalars(query))
+
+    def count(self) -> int:
+        with self._session() as session:
+            return session.scalar(select(func.count()).select_from(Job)) or 0
 
     def transition(
         self,
@@ -178,5 +241,31 @@ class JobStore:
 
     def transitions(self, job_id: str) -> list[Transition]:
         query = select(Transition).where(Transition.job_id == job_id).order_by(Transition.id)
-        with Session(self.engine, expire_on_commit=False) as session:
+        with self._session() as session:
             return list(session.scalars(query))
+
+    # ---- tokens and flags -------------------------------------------------------------------
+
+    def add_token(self, digest: str, user: str, role: str) -> None:
+        with self._session() as session, session.begin():
+            session.add(ApiToken(digest=digest, user=user, role=role, created_at=utcnow()))
+
+    def token(self, digest: str) -> ApiToken | None:
+        with self._session() as session:
+            return session.get(ApiToken, digest)
+
+    def revoke_tokens(self, user: str) -> int:
+        with self._session() as session, session.begin():
+            tokens = list(session.scalars(select(ApiToken).where(ApiToken.user == user)))
+            for token in tokens:
+                session.delete(token)
+        return len(tokens)
+
+    def flag(self, name: str) -> str | None:
+        with self._session() as session:
+            row = session.get(Flag, name)
+            return row.value if row else None
+
+    def set_flag(self, name: str, value: str) -> None:
+        with self._session() as session, session.begin():
+            session.merge(Flag(name=name, value=value))

@@ -48,16 +48,25 @@ class ModelVersionView:
 
 
 class Tracking:
-    def __init__(self, tracking_uri: str, artifact_root: Path | None = None) -> None:
+    def __init__(self, tracking_uri: str, artifact_root: str | Path | None = None) -> None:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.artifact_root = artifact_root
+        self._experiment: str | None = None
 
     def _experiment_id(self) -> str:
+        if self._experiment is None:
+            self._experiment = self._get_or_create_experiment()
+        return self._experiment
+
+    def _get_or_create_experiment(self) -> str:
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
         if experiment is not None:
             return experiment.experiment_id
-        location = self.artifact_root.as_uri() if self.artifact_root else None
+        location = None
+        if self.artifact_root:  # a folder, or a URI such as s3://bucket/prefix
+            root = str(self.artifact_root)
+            location = root if "://" in root else Path(root).resolve().as_uri()
         try:
             return self.client.create_experiment(EXPERIMENT, artifact_location=location)
         except MlflowException:  # created meanwhile by another process

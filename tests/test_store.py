@@ -48,6 +48,7 @@ def new_job(job_id: str) -> Job:
         spec_yaml="name: n",
         spec={"name": "n"},
         config_hash="abc",
+        workers=2,
         cpus=2.0,
         gpus=0.0,
         attempts=0,

@@ -1,0 +1,203 @@
+"""The controller's HTTP API (FastAPI; the OpenAPI schema is served at /openapi.json and the
+docs at /docs). Every route but /healthz needs ``Authorization: Bearer <token>``.
+
+    POST /v1/jobs                 submit {"spec": "<YAML>"}; header Idempotency-Key optional
+    GET  /v1/jobs[?all=true]      your jobs (an admin's ?all=true: everyone's)
+    GET  /v1/jobs/{id}            one job: state, why it waits, progress, run URL, result
+    GET  /v1/jobs/{id}/transitions  its append-only history
+    GET  /v1/jobs/{id}/logs?offset=N  its Ray job logs from byte N on
+    POST /v1/jobs/{id}/cancel | /retry
+    GET  /v1/queue, POST /v1/queue/pause | /resume (admin)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from pipelines.spec import SpecError
+from service.auth import AuthError, Principal, authenticate
+from service.controller import Controller, IdempotencyConflict, JobConflict, JobNotFound
+from service.store import ACTIVE_STATES, Job, JobState
+
+log = logging.getLogger("selfsup.controller")
+
+
+class SubmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    spec: str  # the job spec's YAML text, validated exactly as `selfsup job submit` does
+
+
+def _principal(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    return authenticate(request.app.state.controller.store, authorization)
+
+
+User = Annotated[Principal, Depends(_principal)]
+
+
+def _admin(user: User) -> Principal:
+    if not user.is_admin:
+        raise HTTPException(403, f"{user.user} is not an admin")
+    return user
+
+
+Admin = Annotated[Principal, Depends(_admin)]
+
+
+def job_view(controller: Controller, job: Job, detail: bool = False) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": job.id,
+        "name": job.name,
+        "owner": job.owner,
+        "state": job.state,
+        "priority": job.priority,
+        "workers": job.workers,
+        "cpus": job.cpus,
+        "gpus": job.gpus,
+        "attempts": job.attempts,
+        "retries": job.retries,
+        "max_retries": job.max_retries,
+        "created": job.created_at.isoformat(),
+        "started": job.started_at.isoformat() if job.started_at else None,
+        "finished": job.finished_at.isoformat() if job.finished_at else None,
+        "message": job.message,
+        "mlflow_run_id": job.mlflow_run_id,
+        "result": job.result or {},
+    }
+    if detail:
+        progress = controller.progress(job)
+        view |= {
+            "waiting": controller.waiting_reason(job),
+            "progress": asdict(progress) if progress else None,
+            "epochs": job.spec["train"]["epochs"],
+            "run_url": controller.run_url(job),
+        }
+    return view
+
+
+def create_app(controller: Controller) -> FastAPI:
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                controller.tick()
+            except Exception:  # noqa: BLE001 - one bad turn must not end the controller
+                log.exception("controller turn failed; trying again")
+            stop.wait(controller.settings.tick_s)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        thread = threading.Thread(target=loop, name="selfsup-controller", daemon=True)
+        thread.start()
+        yield
+        stop.set()
+        thread.join(timeout=30)
+
+    app = FastAPI(title="selfsup controller", version="1", lifespan=lifespan)
+    app.state.controller = controller
+
+    @app.exception_handler(AuthError)
+    async def unauthorized(_request: Request, error: AuthError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(error)}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    @app.exception_handler(SpecError)
+    async def invalid_spec(_request: Request, error: SpecError) -> JSONResponse:
+        problems = [{"field": field, "message": message} for field, message in error.problems]
+        return JSONResponse({"detail": str(error), "problems": problems}, status_code=422)
+
+    for error_type, status in ((JobNotFound, 404), (JobConflict, 409), (IdempotencyConflict, 409)):
+
+        async def handler(_request: Request, error: Exception, status: int = status) -> Any:
+            return JSONResponse({"detail": str(error)}, status_code=status)
+
+        app.add_exception_handler(error_type, handler)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/v1/whoami")
+    def whoami(user: User) -> dict[str, str]:
+        return {"user": user.user, "role": user.role}
+
+    @app.post("/v1/jobs", status_code=201)
+    def submit(
+        request: SubmitRequest,
+        user: User,
+        idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    ) -> Any:
+        job, created = controller.submit(user, request.spec, idempotency_key)
+        body = job_view(controller, job, detail=True)
+        return body if created else JSONResponse(body, status_code=200)
+
+    @app.get("/v1/jobs")
+    def list_jobs(user: User, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002
+        return [job_view(controller, job) for job in controller.list(user, everyone=all)]
+
+    @app.get("/v1/jobs/{job_id}")
+    def status(job_id: str, user: User) -> dict[str, Any]:
+        return job_view(controller, controller.get(user, job_id), detail=True)
+
+    @app.get("/v1/jobs/{job_id}/transitions")
+    def transitions(job_id: str, user: User) -> list[dict[str, Any]]:
+        controller.get(user, job_id)
+        return [
+            {
+                "from": row.from_state,
+                "to": row.to_state,
+                "actor": row.actor,
+                "reason": row.reason,
+                "at": row.at.isoformat(),
+            }
+            for row in controller.store.transitions(job_id)
+        ]
+
+    @app.get("/v1/jobs/{job_id}/logs")
+    def logs(job_id: str, user: User, offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+        text = controller.logs(user, job_id)
+        state = controller.get(user, job_id).state
+        return {"text": text[offset:], "offset": max(offset, len(text)), "state": state}
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    def cancel(job_id: str, user: User) -> dict[str, Any]:
+        return job_view(controller, controller.cancel(user, job_id))
+
+    @app.post("/v1/jobs/{job_id}/retry")
+    def retry(job_id: str, user: User) -> dict[str, Any]:
+        return job_view(controller, controller.retry(user, job_id), detail=True)
+
+    @app.get("/v1/queue")
+    def queue(user: User) -> dict[str, Any]:
+        total = controller.capacity()
+        jobs = controller.store.list([JobState.QUEUED, *ACTIVE_STATES])
+        return {
+            "paused": controller.policy().paused,
+            "cluster": {"cpus": total.cpus, "gpus": total.gpus},
+            "queued": sum(job.state == JobState.QUEUED for job in jobs),
+            "active": sum(job.state != JobState.QUEUED for job in jobs),
+        }
+
+    @app.post("/v1/queue/pause")
+    def pause(user: Admin) -> dict[str, bool]:
+        controller.set_paused(user, True)
+        return {"paused": True}
+
+    @app.post("/v1/queue/resume")
+    def resume(user: Admin) -> dict[str, bool]:
+        controller.set_paused(user, False)
+        return {"paused": False}
+
+    return app

@@ -1,0 +1,113 @@
+"""Admission, as a pure function of the queue, what runs, and the cluster's size.
+
+Order: effective priority (the spec's priority plus ``aging_per_minute`` for every minute a
+job has waited, so a low-priority job is never starved forever), then age. A job is admitted
+as a gang: all its workers' CPUs and GPUs must fit what the cluster has free, or none start.
+
+Strict order for capacity: when the head of the queue does not fit, nothing behind it is
+admitted, so a stream of narrow jobs can never starve a wide one. A job held back by its
+owner's cap on running workers does not block the others: the cap is about fairness between
+users, not about the cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from service.store import aware
+
+
+class Schedulable(Protocol):
+    id: str
+    owner: str
+    priority: int
+    created_at: datetime
+    workers: int
+    cpus: float
+    gpus: float
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float
+    gpus: float
+
+    def fits(self, job: Schedulable) -> bool:
+        return Resources(job.cpus, job.gpus).fits_within(self)
+
+    def fits_within(self, total: Resources) -> bool:
+        return self.cpus <= total.cpus + 1e-9 and self.gpus <= total.gpus + 1e-9
+
+    def minus(self, job: Schedulable) -> Resources:
+        return Resources(self.cpus - job.cpus, self.gpus - job.gpus)
+
+
+@dataclass(frozen=True)
+class Policy:
+    aging_per_minute: float = 0.1
+    max_workers_per_user: int | None = None
+    paused: bool = False
+
+
+@dataclass
+class Plan:
+    admit: list[Schedulable] = field(default_factory=list)
+    waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits
+
+
+def effective_priority(job: Schedulable, now: datetime, policy: Policy) -> float:
+    waited_minutes = max(0.0, (now - aware(job.created_at)).total_seconds() / 60)
+    return job.priority + policy.aging_per_minute * waited_minutes
+
+
+def queue_order(queued: list[Schedulable], now: datetime, policy: Policy) -> list[Schedulable]:
+    return sorted(
+        queued, key=lambda job: (-effective_priority(job, now, policy), aware(job.created_at))
+    )
+
+
+def plan(
+    queued: list[Schedulable],
+    active: list[Schedulable],
+    total: Resources,
+    policy: Policy,
+    now: datetime,
+) -> Plan:
+    """Which queued jobs to start now, and for each other one, why it waits."""
+    result = Plan()
+    if policy.paused:
+        result.waiting = {job.id: "the queue is paused by an admin" for job in queued}
+        return result
+    free = total
+    workers_by_owner: dict[str, int] = {}
+    for job in active:
+        free = free.minus(job)
+        workers_by_owner[job.owner] = workers_by_owner.get(job.owner, 0) + job.workers
+    blocker: Schedulable | None = None
+    for position, job in enumerate(queue_order(queued, now, policy), start=1):
+        owned = workers_by_owner.get(job.owner, 0)
+        cap = policy.max_workers_per_user
+        if cap is not None and owned + job.workers > cap:
+            result.waiting[job.id] = (
+                f"user {job.owner} has {owned} workers running; this job's {job.workers} more "
+                f"would pass the per-user cap of {cap}"
+            )
+        elif blocker is not None:
+            result.waiting[job.id] = (
+                f"position {position} in the queue, behind {blocker.id}, which waits for "
+                "capacity (no job jumps ahead of a gang that does not fit)"
+            )
+        elif not free.fits(job):
+            blocker = job
+            result.waiting[job.id] = (
+                f"waiting for capacity: the gang needs {job.cpus:g} CPUs and {job.gpus:g} GPUs "
+                f"at once; free now {max(free.cpus, 0):g} CPUs and {max(free.gpus, 0):g} GPUs "
+                f"of {total.cpus:g} and {total.gpus:g}"
+            )
+        else:
+            result.admit.append(job)
+            free = free.minus(job)
+            workers_by_owner[job.owner] = owned + job.workers
+    return result

@@ -1,0 +1,81 @@
+"""The controller server's settings: one YAML file, environment variables over it.
+
+`selfsup server --config FILE` (or ``SELFSUP_CONFIG=FILE``) reads the file; then every
+setting can be overridden by ``SELFSUP_<NAME>`` in the environment, e.g.
+``SELFSUP_STORE_URL=postgresql+psycopg://...``, ``SELFSUP_RAY_DASHBOARD_URL=http://head:8265``,
+``SELFSUP_TRACKING_URI=http://mlflow:5000``. `selfsup up` writes the embedded stack's file
+to ``<state folder>/server.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_ENV = "SELFSUP_CONFIG"
+ENV_PREFIX = "SELFSUP_"
+
+
+class SettingsError(Exception):
+    pass
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8470
+    store_url: str  # SQLAlchemy URL of the job store: sqlite:///... or postgresql+psycopg://...
+    tracking_uri: str  # MLflow tracking and registry URI
+    artifact_root: str | None = None  # the MLflow experiment's artifact location, if new
+    mlflow_ui_url: str | None = None  # where users open runs; default: the tracking URI if HTTP
+    ray_dashboard_url: str  # the Ray Jobs API (the head's dashboard address)
+    ray_token_file: str | None = None  # the Ray cluster's auth token, if it uses one
+    storage_path: str  # Ray Train's storage: checkpoints live at <storage_path>/<job id>
+    driver_python: str = sys.executable  # the Python that runs a job's driver on the head
+    cluster_cpus: Annotated[float, Field(ge=0)] | None = None  # default: ask Ray
+    cluster_gpus: Annotated[float, Field(ge=0)] | None = None
+    tick_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    aging_per_minute: Annotated[float, Field(ge=0)] = 0.1  # priority gained per minute queued
+    max_workers_per_user: Annotated[int, Field(gt=0)] | None = None
+    watchdog_s: Annotated[float, Field(gt=0)] = 900.0  # no training progress this long: retry
+    retry_backoff_s: Annotated[float, Field(ge=0)] = 10.0  # doubled for each further retry
+    retry_backoff_max_s: Annotated[float, Field(ge=0)] = 600.0
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None, env: Mapping[str, str] = os.environ
+) -> ServerSettings:
+    chosen = config_file or env.get(CONFIG_ENV)
+    document: dict = {}
+    if chosen:
+        try:
+            document = yaml.safe_load(Path(chosen).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise SettingsError(f"cannot read the server config {chosen}: {error}") from None
+        if not isinstance(document, dict):
+            raise SettingsError(f"the server config {chosen} must be a mapping of settings")
+    for name in ServerSettings.model_fields:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            document[name] = None if value == "" else value
+    try:
+        return ServerSettings.model_validate(document, strict=False)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, item['loc'])) or 'config'}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise SettingsError(
+            f"invalid server settings ({chosen or 'environment'}): {problems}. Set them in the "
+            f"config file or as {ENV_PREFIX}<NAME> environment variables"
+        ) from None
