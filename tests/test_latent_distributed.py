@@ -79,7 +79,6 @@ def on_each_rank(_: None) -> dict[str, Any]:
     backbone = build_encoder({"arch": "mlp", "in_channels": 1, "image_size": 8, "out_dim": 4})
     rbm = RBM(backbone, 4, 0, hidden=16, cd_steps=1, persistent=True, chains=8)
     before = rbm.chains.samples.clone()
-    torch.manual_seed(rank)  # each rank draws its own Gibbs noise
     train(rbm, local[:1])
     return {"states": states, "chains_before": before, "chains_after": rbm.chains.samples}
 

@@ -123,7 +123,7 @@ def test_streaming_pca_matches_scikit_learn_on_all_batches_together() -> None:
 def test_masking_hides_whole_patches_at_the_asked_ratio() -> None:
     torch.manual_seed(0)
     images = torch.rand(64, 1, 8, 8) + 0.5  # no pixel is 0 before masking
-    hidden = corrupt(images, "mask", 0.0, 0.25, 4) == 0
+    hidden = corrupt(images, torch.Generator().manual_seed(0), "mask", 0.0, 0.25, 4) == 0
     blocks = hidden.view(64, 1, 2, 4, 2, 4).permute(0, 1, 2, 4, 3, 5).flatten(4)
     assert (blocks.all(4) | ~blocks.any(4)).all()  # a 4x4 patch is hidden whole or not at all
     assert 0.15 < hidden.float().mean() < 0.35

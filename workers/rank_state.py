@@ -3,6 +3,8 @@ PCA), and samples that persist from step to step (persistent-CD chains, a replay
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -27,6 +29,31 @@ class RankSlices(nn.Module):
         super().__init__()
         self.per_rank = per_rank
         self.register_buffer("samples", initial.clone())  # (world * per_rank, ...)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A checkpoint holds world_size * per_rank rows, so one from another number of
+        # workers has another length; slices cannot be re-dealt (each rank's chains or
+        # negatives continue from its own), so say what to change rather than fail on a shape.
+        saved = state_dict.get(prefix + "samples")
+        if saved is not None and saved.shape[0] != self.samples.shape[0]:
+            raise ValueError(
+                f"the checkpoint's {prefix}samples were written by "
+                f"{saved.shape[0] / self.per_rank:g} workers ({saved.shape[0]} rows, "
+                f"{self.per_rank} per worker), but this run has {dist.world_size()}: resume "
+                "with the number of workers (resources.workers) that wrote the checkpoint"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def local(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's samples (all of its slice, or the given rows of it), as a copy."""

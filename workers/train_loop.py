@@ -150,7 +150,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         epoch_start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         for images, indices in loader:
-            batch = Batch(images.to(device), indices.to(device), global_step, augment)
+            batch = Batch(
+                images.to(device), indices.to(device), global_step, augment, train["seed"]
+            )
             outputs = model(batch)
             loss = outputs["loss"]
             if not torch.isfinite(loss):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from workers import dist
 from workers.augment import Augment
 
 
@@ -19,9 +20,22 @@ class Batch:
     indices: torch.Tensor  # (n,) dataset indices, for methods that keep per-sample state
     step: int  # global optimizer step, seeds the augmentations
     augment: Augment
+    seed: int = 0  # train.seed: with the rank and the step, seeds the method's own noise
 
     def view(self, number: int) -> torch.Tensor:
         return self.augment(self.images, self.step, number)
+
+    def generator(self) -> torch.Generator:
+        """A generator for this rank's noise at this step (corruption, reparameterisation,
+        Gibbs and Langevin sampling), seeded from (seed, rank, step).
+
+        The global RNG is seeded identically on every rank so that the initial weights agree;
+        noise drawn from it would be identical on every rank too, and each extra worker would
+        corrupt and sample exactly what rank 0 does. Seeding per step also makes a resumed
+        run draw what an uninterrupted one draws, with no generator state to checkpoint."""
+        generator = torch.Generator(self.images.device)
+        # A 3-tuple: never equal to the augmentations' (seed, rank, step, view).
+        return generator.manual_seed(hash((self.seed, dist.rank(), self.step)) & 0x7FFF_FFFF)
 
 
 class Method(nn.Module):

@@ -15,17 +15,24 @@ from workers.methods.base import Batch, Method, register_method
 
 
 def corrupt(
-    y: torch.Tensor, corruption: str, noise_std: float, mask_ratio: float, mask_patch: int
+    y: torch.Tensor,
+    generator: torch.Generator,
+    corruption: str,
+    noise_std: float,
+    mask_ratio: float,
+    mask_patch: int,
 ) -> torch.Tensor:
     """ "noise": y + noise_std * eps. "mask": each (mask_patch x mask_patch) patch of an image,
-    or each coordinate of a vector, is set to 0 with probability mask_ratio."""
+    or each coordinate of a vector, is set to 0 with probability mask_ratio. Every random
+    number comes from ``generator``."""
+    like = {"device": y.device, "dtype": y.dtype, "generator": generator}
     if corruption == "noise":
-        return y + noise_std * torch.randn_like(y)
+        return y + noise_std * torch.randn(y.shape, **like)
     if y.dim() == 2:
-        return y * (torch.rand_like(y) >= mask_ratio)
+        return y * (torch.rand(y.shape, **like) >= mask_ratio)
     n, _, height, width = y.shape
     grid = (n, 1, -(-height // mask_patch), -(-width // mask_patch))
-    keep = (torch.rand(grid, device=y.device) >= mask_ratio).to(y.dtype)
+    keep = (torch.rand(grid, **like) >= mask_ratio).to(y.dtype)
     keep = keep.repeat_interleave(mask_patch, 2).repeat_interleave(mask_patch, 3)
     return y * keep[..., :height, :width]
 
@@ -61,7 +68,7 @@ class DAE(Method):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         y = batch.images
-        reconstruction = self.reconstruct(corrupt(y, *self.corruption))
+        reconstruction = self.reconstruct(corrupt(y, batch.generator(), *self.corruption))
         return {"loss": (y - reconstruction).flatten(1).pow(2).sum(1).mean()}
 
     def encoder(self) -> nn.Module:
@@ -72,6 +79,6 @@ class DAE(Method):
             title = f"DAE energy ||y - dec(enc(y))||^2 ({self.corruption[0]})"
             return {"energy_landscape.png": energy_landscape(self.energy, data, title)}
         clean = data[:32]
-        corrupted = corrupt(clean, *self.corruption)
+        corrupted = corrupt(clean, torch.Generator(data.device).manual_seed(0), *self.corruption)
         rows = [clean, corrupted, self.reconstruct(corrupted)]
         return {"reconstructions.png": stacked_grid(rows)}

@@ -58,14 +58,16 @@ class LangevinEBM(Method):
         """F(y), per sample: (n, ...) -> (n,)."""
         return self.head(self.backbone(y)).squeeze(1)
 
-    def sample(self, start: torch.Tensor) -> torch.Tensor:
-        """Langevin dynamics from ``start``; the result carries no graph."""
+    def sample(self, start: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Langevin dynamics from ``start``, noise from ``generator``; the result carries no
+        graph."""
         steps, step_size, noise_std = self.langevin
         y = start.detach()
         for _ in range(steps):
             y.requires_grad_(True)
             (gradient,) = torch.autograd.grad(self.energy(y).sum(), y)
-            y = (y - step_size * gradient + noise_std * torch.randn_like(y)).detach()
+            eps = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+            y = (y - step_size * gradient + noise_std * eps).detach()
         return y
 
     def _guard(self, step: int, **values: torch.Tensor) -> None:
@@ -79,13 +81,14 @@ class LangevinEBM(Method):
                 )
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        y = batch.images
-        rows = torch.randint(0, self.buffer.per_rank, (len(y),), device=y.device)
+        y, generator = batch.images, batch.generator()
+        draw = {"device": y.device, "generator": generator}
+        rows = torch.randint(0, self.buffer.per_rank, (len(y),), **draw)
         start = self.buffer.local(rows)
-        fresh = torch.rand(len(y), device=y.device) < self.reinit_fraction
-        noise = 2 * torch.rand_like(start) - 1
+        fresh = torch.rand(len(y), **draw) < self.reinit_fraction
+        noise = 2 * torch.rand(start.shape, dtype=start.dtype, **draw) - 1
         start[fresh] = noise[fresh]
-        negatives = self.sample(start)
+        negatives = self.sample(start, generator)
         self._guard(batch.step, negative_samples=negatives)
         self.buffer.write(rows, negatives)
         energies = self.energy(torch.cat([y, negatives]))  # one pass: shared BatchNorm statistics

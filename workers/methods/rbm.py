@@ -56,16 +56,21 @@ class RBM(Method):
             start = torch.bernoulli(torch.full((dist.world_size() * chains, visible), 0.5))
             self.chains = RankSlices(chains, start)
 
-    def gibbs(self, visible: torch.Tensor, steps: int) -> torch.Tensor:
-        """``steps`` sweeps y -> z ~ p(z|y) -> y ~ p(y|z); returns binary y. (m, V) -> (m, V)."""
+    def gibbs(self, visible: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
+        """``steps`` sweeps y -> z ~ p(z|y) -> y ~ p(y|z), the coins drawn from ``generator``;
+        returns binary y. (m, V) -> (m, V)."""
         weight = self.hidden_units.weight.detach()
         hidden_bias, visible_bias = (
             self.hidden_units.hidden_bias.detach(),
             self.visible_bias.detach(),
         )
         for _ in range(steps):
-            hidden = torch.bernoulli(torch.sigmoid(visible @ weight.T + hidden_bias))
-            visible = torch.bernoulli(torch.sigmoid(hidden @ weight + visible_bias))
+            hidden = torch.bernoulli(
+                torch.sigmoid(visible @ weight.T + hidden_bias), generator=generator
+            )
+            visible = torch.bernoulli(
+                torch.sigmoid(hidden @ weight + visible_bias), generator=generator
+            )
         return visible
 
     def energy(self, y: torch.Tensor) -> torch.Tensor:
@@ -77,10 +82,9 @@ class RBM(Method):
         y = batch.images.flatten(1)
         if y.min() < 0 or y.max() > 1:
             raise ValueError("rbm needs data in [0, 1] (unwhitened images): got values outside")
-        if self.chains is None:
-            negatives = self.gibbs(y, self.cd_steps)
-        else:
-            negatives = self.gibbs(self.chains.local(), self.cd_steps)
+        start = y if self.chains is None else self.chains.local()
+        negatives = self.gibbs(start, self.cd_steps, batch.generator())
+        if self.chains is not None:
             self.chains.write(torch.arange(len(negatives), device=y.device), negatives)
         data_energy, model_energy = self.energy(y).mean(), self.energy(negatives).mean()
         with torch.no_grad():
@@ -100,8 +104,10 @@ class RBM(Method):
     def figures(self, data: torch.Tensor) -> dict[str, np.ndarray]:
         if data.dim() != 4:
             return {}
-        noise = torch.bernoulli(torch.full((64, data[0].numel()), 0.5, device=data.device))
-        samples = self.gibbs(noise, FIGURE_GIBBS_STEPS).view(-1, *data.shape[1:])
+        generator = torch.Generator(data.device).manual_seed(0)
+        coins = torch.full((64, data[0].numel()), 0.5, device=data.device)
+        noise = torch.bernoulli(coins, generator=generator)
+        samples = self.gibbs(noise, FIGURE_GIBBS_STEPS, generator).view(-1, *data.shape[1:])
         return {
             "filters.png": tile_grid(self.hidden_units.weight.detach().view(-1, *data.shape[1:])),
             "samples.png": tile_grid(samples, symmetric=False),

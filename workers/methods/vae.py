@@ -51,7 +51,8 @@ class VAE(Method):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         y = batch.images
         mean, log_var = self.gaussian.distribution(y)  # (n, d) each
-        codes = mean + (0.5 * log_var).exp() * torch.randn_like(mean)
+        eps = torch.randn(mean.shape, generator=batch.generator(), device=y.device, dtype=y.dtype)
+        codes = mean + (0.5 * log_var).exp() * eps
         reconstruction = (y - self.decode(codes)).flatten(1).pow(2).sum(1)
         kl = gaussian_kl(mean, log_var)
         active = dist.gather(mean.detach()).var(0) > ACTIVE_UNIT_VARIANCE

@@ -1,0 +1,157 @@
+"""The noise of the sampling and corrupting methods (DAE, VAE, RBM, Langevin EBM): drawn per
+rank, so data-parallel workers do not duplicate each other; reproducible, so a resumed run
+equals an uninterrupted one; and a checkpoint's per-worker samples refuse another number of
+workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.latent_ranks import part_results, register_part
+from workers import dist
+from workers.augment import build_augment
+from workers.data import load_dataset
+from workers.encoders import build_encoder
+from workers.methods import Batch, Method
+from workers.methods.dae import DAE
+from workers.methods.ebm_langevin import LangevinEBM
+from workers.methods.rbm import RBM
+from workers.methods.vae import VAE
+
+AUGMENT = build_augment("none", 8, 0, 0)
+BATCH = 16
+
+
+def mlp() -> torch.nn.Module:
+    return build_encoder({"arch": "mlp", "in_channels": 1, "image_size": 8, "out_dim": 8})
+
+
+# name -> constructor; every one of them draws noise inside its training step.
+NOISY: dict[str, Callable[[], Method]] = {
+    "dae_noise": lambda: DAE(mlp(), 8, 0, "noise", 0.3, 0.5, 2, 32),
+    "dae_mask": lambda: DAE(mlp(), 8, 0, "mask", 0.3, 0.5, 2, 32),
+    "vae": lambda: VAE(mlp(), 8, 0, latent_dim=4, beta=1.0, hidden_dim=32),
+    "rbm_cd": lambda: RBM(mlp(), 8, 0, hidden=16, cd_steps=1, persistent=False, chains=8),
+    "rbm_pcd": lambda: RBM(mlp(), 8, 0, hidden=16, cd_steps=1, persistent=True, chains=8),
+    # Every negative starts from fresh noise, so only the noise can tell two ranks apart (each
+    # rank's own replay-buffer slice would differ anyway).
+    "ebm": lambda: LangevinEBM(mlp(), 8, 0, 3, 0.01, 0.1, 32, 1.0, 0.1, 1e4),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(name: str, seed: int) -> tuple[Method, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    method = NOISY[name]()
+    return method, torch.optim.Adam(method.parameters(), lr=1e-2)
+
+
+def train_steps(
+    method: Method, optimizer: torch.optim.Optimizer, steps: range, images: torch.Tensor
+) -> None:
+    for step in steps:
+        indices = (torch.arange(BATCH) + BATCH * step) % len(images)
+        loss = method(Batch(images[indices], indices, step, AUGMENT, seed=7))["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        method.after_optimizer_step()
+
+
+def digits() -> torch.Tensor:
+    return load_dataset("builtin:digits").images[:64]
+
+
+@pytest.mark.parametrize("name", list(NOISY))
+def test_resume_is_exact(name: str, tmp_path: Path) -> None:
+    images = digits()
+    straight, straight_optimizer = build(name, seed=0)
+    train_steps(straight, straight_optimizer, range(6), images)
+
+    first, first_optimizer = build(name, seed=0)
+    train_steps(first, first_optimizer, range(3), images)
+    torch.save(
+        {"method": first.state_dict(), "optimizer": first_optimizer.state_dict()},
+        tmp_path / "state.pt",
+    )
+    # A fresh process starts from other weights and another global RNG state.
+    resumed, resumed_optimizer = build(name, seed=1)
+    torch.rand(1000)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    resumed.load_state_dict(state["method"])
+    resumed_optimizer.load_state_dict(state["optimizer"])
+    train_steps(resumed, resumed_optimizer, range(3, 6), images)
+
+    expected, actual = straight.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    assert any(not torch.equal(expected[key], first.state_dict()[key]) for key in expected)
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def one_step_losses(seed: int) -> dict[str, float]:
+    """Each noisy method's loss on the same 16 digits at step 5, from the same initial state:
+    only the noise can make two of these differ."""
+    images = digits()[:BATCH]
+    losses = {}
+    for name in NOISY:
+        method, _ = build(name, seed=0)
+        batch = Batch(images, torch.arange(BATCH), 5, AUGMENT, seed=seed)
+        losses[name] = method(batch)["loss"].item()
+    return losses
+
+
+def test_noise_comes_from_the_train_seed_not_the_global_generator() -> None:
+    first = one_step_losses(seed=3)
+    torch.rand(1000)  # moves the global generator, which the methods must not draw from
+    assert one_step_losses(seed=3) == first
+    other = one_step_losses(seed=4)
+    assert all(other[name] != first[name] for name in NOISY), (first, other)
+
+
+def on_each_rank(_: None) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    return {"rank": dist.rank(), "losses": one_step_losses(seed=3)}
+
+
+def no_arguments(folder: Path) -> None:
+    return None
+
+
+register_part("noise", on_each_rank, no_arguments)
+
+
+def test_two_ranks_draw_different_noise_at_the_same_step(
+    ray_local: None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    first, second = part_results("noise", tmp_path_factory)
+    assert (first["rank"], second["rank"]) == (0, 1)
+    # Rank 0 of a gang draws what a single process draws: the stream depends on the rank only.
+    assert first["losses"] == one_step_losses(seed=3)
+    for name in NOISY:
+        assert first["losses"][name] != second["losses"][name], name
+
+
+def test_per_worker_samples_refuse_a_checkpoint_of_another_number_of_workers() -> None:
+    """A 1-worker run cannot resume the replay buffer / persistent chains that 2 workers
+    wrote (rank r owns rows r * per_rank ...): a clear error, not a shape mismatch."""
+    for name in ("ebm", "rbm_pcd"):
+        method, _ = build(name, seed=0)
+        state = method.state_dict()
+        (key,) = [key for key in state if key.endswith(".samples")]
+        two_workers = {**state, key: torch.cat([state[key], state[key]])}
+        with pytest.raises(ValueError, match=r"written by 2 workers .* this run has 1"):
+            method.load_state_dict(two_workers)
+        method.load_state_dict(state)  # the same number of workers loads
