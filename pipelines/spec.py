@@ -228,6 +228,10 @@ class SpiralOptions(_Section):
     seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
 
 
+# The sources that take options, each under its own name in the data section.
+SOURCE_OPTIONS: dict[str, type[_Section]] = {"patches": PatchesOptions, "spiral": SpiralOptions}
+
+
 class DataSpec(_Section):
     source: str = "builtin:digits"
     # Held out for evaluation, never seen by pretraining; the split is stratified (when the
@@ -251,7 +255,7 @@ class DataSpec(_Section):
                 f"unknown dataset {rest!r} in data.source; known: "
                 + ", ".join(f"builtin:{name}" for name in BUILTIN_DATASETS)
             )
-        for name in ("patches", "spiral"):
+        for name in SOURCE_OPTIONS:
             if getattr(self, name) is not None and rest != name:
                 raise ValueError(
                     f"data.{name} sets options of builtin:{name}, not of {self.source}"
@@ -265,7 +269,7 @@ class DataSpec(_Section):
     @property
     def options(self) -> dict[str, Any]:
         """The source's options for ``workers.data.load_dataset`` (defaults when unset)."""
-        defaults = {"patches": PatchesOptions, "spiral": SpiralOptions}.get(self.dataset)
+        defaults = SOURCE_OPTIONS.get(self.dataset)
         if defaults is None:
             return {}
         return (getattr(self, self.dataset) or defaults()).model_dump()
@@ -376,7 +380,15 @@ class JobSpec(_Section):
             else:
                 flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
 
-        walk("", self.model_dump(mode="json"))
+        document = self.model_dump(mode="json")
+        # Each source keeps its options under its own name, unset (None) unless written: log
+        # the chosen source's options with their defaults filled in, and no other source's.
+        data = document["data"]
+        for source in SOURCE_OPTIONS:
+            data.pop(source)
+        if self.data.options:
+            data[self.data.dataset] = self.data.options
+        walk("", document)
         return flat
 
 
@@ -396,6 +408,7 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(("train.warmup_epochs", "must be smaller than train.epochs"))
     problems += _bank_and_queue_problems(spec)
     problems += _latent_problems(spec)
+    problems += _vector_problems(spec)
     return problems
 
 
@@ -420,8 +433,6 @@ def _latent_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 f"{method.components} exceeds the {data.sample_dim} dimensions of {data.source}",
             )
         )
-    if isinstance(method, ConvSparseCodingParams) and vectors:
-        problems.append(("data.source", "conv_sparse_coding needs images, not 2-D vectors"))
     if isinstance(method, RBMParams) and (vectors or whitened):
         problems.append(
             (
@@ -429,12 +440,41 @@ def _latent_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 "rbm needs data in [0, 1]: unwhitened images, not vectors or whitened patches",
             )
         )
-    if (
-        vectors
-        and spec.encoder.arch != "mlp"
-        and not isinstance(method, KMeansParams | PCAParams | SparseCodingParams | LISTAParams)
-    ):
-        problems.append(("encoder.arch", "2-D vectors (builtin:spiral) need encoder.arch mlp"))
+    return problems
+
+
+# Methods that cut or convolve images, whatever the encoder: why, for the error message.
+_IMAGE_METHODS = {
+    "pirl": "its jigsaw cuts each image into a 3x3 grid of patches",
+    "conv_sparse_coding": "its kernels are convolved over the image",
+}
+# Methods that train on augmented views (every augmentation preset but "none" transforms
+# images) and methods whose spec encoder is never built (they learn a dictionary instead).
+_VIEW_METHODS = SimCLRParams | SiameseParams | MoCoParams | PIRLParams
+_NO_BACKBONE_METHODS = KMeansParams | PCAParams | SparseCodingParams | LISTAParams
+
+
+def _vector_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What cannot run on 2-D points (builtin:spiral): image-only methods, convolutional
+    encoders and image augmentations. A method that needs images gets that one message only,
+    since no encoder or preset would make it run."""
+    if spec.data.dataset != "spiral":
+        return []
+    name, points = spec.method.name, f"{spec.data.source} holds 2-D points, not images"
+    if name in _IMAGE_METHODS:
+        return [("data.source", f"{name} needs images ({_IMAGE_METHODS[name]}): {points}")]
+    problems: list[tuple[str, str]] = []
+    if spec.encoder.arch != "mlp" and not isinstance(spec.method, _NO_BACKBONE_METHODS):
+        problems.append(
+            ("encoder.arch", f"{spec.encoder.arch!r} is convolutional: {points}; use mlp")
+        )
+    if spec.augment.preset != "none" and isinstance(spec.method, _VIEW_METHODS):
+        problems.append(
+            (
+                "augment.preset",
+                f"{spec.augment.preset!r} augments images: {points}; use none",
+            )
+        )
     return problems
 
 
