@@ -497,7 +497,10 @@ def _parser() -> argparse.ArgumentParser:
         sub: Any, name: str, handler: Callable[[argparse.Namespace], int], help_text: str
     ) -> Any:
         command = sub.add_parser(name, help=help_text)
-        command.set_defaults(handler=handler)
+        if handler in (cmd_encoder_list, cmd_encoder_get, cmd_encoder_promote, cmd_eval):
+            command.set_defaults(handler=_registry_command, registry_handler=handler)
+        else:
+            command.set_defaults(handler=handler)
         return command
 
     def output(command: Any) -> None:
@@ -594,11 +597,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _registry_command(args: argparse.Namespace) -> int:
+    """Encoder and eval commands: MLflow loads only for them (it takes seconds to import),
+    and its registry's errors become exit codes."""
+    from service.registry import PromotionRefused, RegistryError, RegistryNotFound
+    from service.tracking import TrackingError
+
+    try:
+        return args.registry_handler(args)
+    except RegistryNotFound as error:
+        raise CliError(str(error), EXIT_NOT_FOUND) from None
+    except PromotionRefused as error:
+        raise CliError(f"refused: {error}", EXIT_REFUSED) from None
+    except (RegistryError, TrackingError) as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from service.registry import PromotionRefused, RegistryError, RegistryNotFound
+    from service.settings import SettingsError
     from service.stack import StackError
-    from service.tracking import TrackingError
 
     try:
         return args.handler(args)
@@ -608,13 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ApiError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NOT_FOUND if error.status in (401, 403, 404) else EXIT_USAGE
-    except RegistryNotFound as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except PromotionRefused as error:
-        print(f"refused: {error}", file=sys.stderr)
-        return EXIT_REFUSED
-    except (RegistryError, StackError, TrackingError) as error:
+    except (StackError, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

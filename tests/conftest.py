@@ -1,17 +1,22 @@
 """Shared fixtures: a local Ray for in-process distributed tests, and a real embedded stack
-(`selfsup up`: Ray head with the Jobs API, SQLite job store, MLflow on SQLite) for tests that
-go through the CLI."""
+(`selfsup up`: Ray head with the Jobs API, the controller server on loopback, SQLite job
+store, MLflow on SQLite) for tests that go through the CLI and the HTTP API."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from service.client import ApiClient
 
 # Short socket paths (Ray's unix sockets live under its temp dir) and no usage reporting.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -55,9 +60,7 @@ class Stack:
     def cli(
         self, *args: str, check: bool = False, timeout: float = 600
     ) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            [SELFSUP, *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+        result = self.run_cli(self.env, *args, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"selfsup {' '.join(args)} exited {result.returncode}\n"
@@ -65,9 +68,53 @@ class Stack:
             )
         return result
 
+    @staticmethod
+    def run_cli(
+        env: dict[str, str], *args: str, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [SELFSUP, *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+
     @property
     def tracking_uri(self) -> str:
         return f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def info(self) -> dict:
+        """stack.json: the Ray head's and the controller's addresses and process ids."""
+        return json.loads((self.home / "stack.json").read_text())
+
+    def token(self, user: str, admin: bool = False) -> str:
+        """A new API token for ``user``, made by the real `selfsup token create`."""
+        args = ["token", "create", user, *(["--admin"] if admin else [])]
+        return self.cli(*args, check=True).stdout.strip()
+
+    def api(self, token: str | None) -> ApiClient:
+        return ApiClient(self.info["api_url"], token)
+
+    @property
+    def admin(self) -> ApiClient:
+        """The client the CLI uses: the local user's admin token from `selfsup up`."""
+        return self.api((self.home / "token").read_text().strip())
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold admission (`selfsup queue pause`) so queued jobs stay queued meanwhile."""
+        self.cli("queue", "pause", check=True)
+        try:
+            yield
+        finally:
+            self.cli("queue", "resume", check=True)
+
+    def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.admin.request("GET", f"/v1/jobs/{job_id}")
+            if job["state"] in states:
+                return job
+            assert time.monotonic() < deadline, f"{job_id} stayed {job['state']}: {job}"
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,122 @@
+"""The controller with real jobs on the real stack: admission in priority order with room for
+one gang, a Ray Train worker killed mid-run, the controller itself killed and restarted, and a
+driver killed so that the controller retries the job from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from pipelines.spec import read_yaml
+from tests.conftest import Stack
+from tests.processes import command_line, find
+
+SPECS = Path(__file__).parent / "specs"
+EXAMPLE = Path(__file__).parent.parent / "examples" / "simclr-digits.yaml"
+
+
+def tiny_spec(tmp_path: Path, name: str, priority: int) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    text = (SPECS / "tiny-pca.yaml").read_text().replace("name: tiny-pca", f"name: {name}")
+    path.write_text(text + f"priority: {priority}\n")
+    return path
+
+
+def training_spec(tmp_path: Path, name: str, epochs: int, max_retries: int = 0) -> Path:
+    """SimCLR on digits with two workers, no evaluation: long enough to be interrupted."""
+    document = read_yaml(EXAMPLE.read_text())
+    document |= {"name": name, "max_retries": max_retries}
+    document["train"]["epochs"] = epochs
+    document["evaluate"] = {"linear": False, "knn": False, "label_fractions": [], "finetune": False}
+    document.pop("register", None)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def submit(stack: Stack, spec: Path) -> str:
+    return json.loads(stack.cli("job", "submit", str(spec), "-o", "json", check=True).stdout)["id"]
+
+
+def wait_for_checkpoint(stack: Stack, job_id: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((stack.home / "runs" / job_id).glob("checkpoint_*/state.pt")):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.3)
+
+
+def transitions(stack: Stack, job_id: str) -> list[dict]:
+    return stack.admin.request("GET", f"/v1/jobs/{job_id}/transitions")
+
+
+def test_one_gang_at_a_time_in_priority_order(stack: Stack, tmp_path: Path) -> None:
+    # Each job needs both CPUs of the stack: only one can run at a time.
+    with stack.paused():
+        ids = {p: submit(stack, tiny_spec(tmp_path, f"prio-{p}", p)) for p in (0, 5, 10)}
+    for priority in (10, 5, 0):
+        job = stack.wait_for(ids[priority], ("RUNNING",), timeout=120)
+        assert job["started"] is not None
+        for other in (p for p in ids if p < priority):
+            waiting = stack.admin.request("GET", f"/v1/jobs/{ids[other]}")
+            assert waiting["state"] == "QUEUED", waiting  # never a partial gang beside it
+            assert "capacity" in waiting["waiting"], waiting["waiting"]
+        # Cancelling frees the cluster for the next one; the job's work is not the point here.
+        stack.cli("job", "cancel", ids[priority], check=True)
+    starts = {
+        p: next(t["at"] for t in transitions(stack, ids[p]) if t["to"] == "STARTING") for p in ids
+    }
+    assert starts[10] < starts[5] < starts[0]
+
+
+def test_job_survives_a_killed_worker_and_a_killed_controller(stack: Stack, tmp_path: Path) -> None:
+    job_id = submit(stack, training_spec(tmp_path, "chaos-digits", epochs=5))
+    wait_for_checkpoint(stack, job_id)
+    head = stack.info["head_pid"]
+    workers = find(head, "RayTrainWorker")
+    assert workers, "no Ray Train worker process found under the Ray head"
+    os.kill(workers[0], signal.SIGKILL)  # Ray Train restarts the gang from the checkpoint
+
+    os.kill(stack.info["server_pid"], signal.SIGKILL)  # the controller dies mid-job
+    time.sleep(1)
+    stack.cli("up", check=True)  # brings back the controller alone, beside Ray and the job
+    job = stack.wait_for(job_id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=480)
+    assert job["state"] == "SUCCEEDED", job["message"]
+    assert job["attempts"] == 1  # handed to Ray once: the job ran once, never twice
+    assert [t["to"] for t in transitions(stack, job_id)] == [
+        "QUEUED",
+        "STARTING",
+        "RUNNING",
+        "SUCCEEDED",
+    ]
+    client = MlflowClient(stack.tracking_uri)
+    run = client.get_run(job["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_metric_history(run.info.run_id, "train.resumed_from_epoch")
+
+
+def test_killed_driver_is_retried_from_its_checkpoint(stack: Stack, tmp_path: Path) -> None:
+    job_id = submit(stack, training_spec(tmp_path, "retry-digits", epochs=5, max_retries=1))
+    wait_for_checkpoint(stack, job_id)
+    # The driver's python, not the shell Ray Jobs runs the entrypoint through.
+    (driver,) = [
+        pid
+        for pid in find(stack.info["head_pid"], "pipelines.driver")
+        if not command_line(pid).startswith("/bin/sh")
+    ]
+    os.kill(driver, signal.SIGKILL)  # not the user's fault: the controller retries
+
+    job = stack.wait_for(job_id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=480)
+    assert job["state"] == "SUCCEEDED", job["message"]
+    assert job["attempts"] == 2 and job["retries"] == 1
+    history = transitions(stack, job_id)
+    retrying = next(t for t in history if t["to"] == "RETRYING")
+    assert "retry 1 of 1" in retrying["reason"]
+    assert [t["to"] for t in history][-4:] == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+    client = MlflowClient(stack.tracking_uri)
+    (resumed,) = client.get_metric_history(job["mlflow_run_id"], "train.resumed_from_epoch")
+    assert resumed.value >= 0

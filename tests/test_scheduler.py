@@ -1,0 +1,127 @@
+"""Admission as a pure function: gangs never over-commit, priority then age, aging, per-user
+caps, and a reason for every job that waits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.scheduler import Policy, Resources, plan, queue_order
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class FakeJob:  # the scheduler's Schedulable protocol; the store's Job has the same fields
+    id: str
+    owner: str = "alice"
+    priority: int = 0
+    created_at: datetime = NOW
+    workers: int = 1
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+def queued(*jobs: FakeJob) -> list[FakeJob]:
+    return list(jobs)
+
+
+def test_priority_then_age() -> None:
+    old_low = FakeJob("old-low", priority=0, created_at=NOW - timedelta(seconds=30))
+    new_high = FakeJob("new-high", priority=5)
+    old_high = FakeJob("old-high", priority=5, created_at=NOW - timedelta(seconds=10))
+    order = queue_order(queued(old_low, new_high, old_high), NOW, Policy(aging_per_minute=0))
+    assert [job.id for job in order] == ["old-high", "new-high", "old-low"]
+
+
+def test_aging_lifts_a_long_waiting_low_priority_job() -> None:
+    starving = FakeJob("starving", priority=0, created_at=NOW - timedelta(hours=2))
+    fresh = FakeJob("fresh", priority=10)
+    policy = Policy(aging_per_minute=0.1)  # 2 h = 120 min -> +12
+    assert [job.id for job in queue_order([fresh, starving], NOW, policy)] == [
+        "starving",
+        "fresh",
+    ]
+    no_aging = Policy(aging_per_minute=0)
+    assert queue_order([fresh, starving], NOW, no_aging)[0].id == "fresh"
+
+
+def test_gang_that_does_not_fit_waits_and_blocks_those_behind_it() -> None:
+    running = [FakeJob("running", cpus=1)]
+    wide = FakeJob("wide", priority=5, workers=2, cpus=2)
+    narrow = FakeJob("narrow", priority=0, cpus=1)
+    result = plan([wide, narrow], running, Resources(2, 0), Policy(), NOW)
+    assert result.admit == []
+    assert "needs 2 CPUs" in result.waiting["wide"] and "free now 1 CPUs" in result.waiting["wide"]
+    assert "behind wide" in result.waiting["narrow"]
+
+
+def test_gpus_are_part_of_the_gang() -> None:
+    gpu_job = FakeJob("gpu", cpus=1, gpus=2)
+    result = plan([gpu_job], [], Resources(8, 1), Policy(), NOW)
+    assert result.admit == [] and "2 GPUs" in result.waiting["gpu"]
+
+
+def test_per_user_cap_holds_back_only_that_user() -> None:
+    running = [FakeJob("a1", owner="alice", workers=2, cpus=2)]
+    alice_next = FakeJob("a2", owner="alice", priority=9, workers=1, cpus=1)
+    bob = FakeJob("b1", owner="bob", workers=1, cpus=1)
+    result = plan([alice_next, bob], running, Resources(8, 0), Policy(max_workers_per_user=2), NOW)
+    assert [job.id for job in result.admit] == ["b1"]
+    assert "per-user cap of 2" in result.waiting["a2"]
+
+
+def test_paused_queue_admits_nothing() -> None:
+    result = plan([FakeJob("j")], [], Resources(8, 0), Policy(paused=True), NOW)
+    assert result.admit == [] and "paused" in result.waiting["j"]
+
+
+job_strategy = st.builds(
+    FakeJob,
+    id=st.uuids().map(str),
+    owner=st.sampled_from(["alice", "bob", "carol"]),
+    priority=st.integers(-5, 5),
+    created_at=st.integers(0, 3600).map(lambda s: NOW - timedelta(seconds=s)),
+    workers=st.integers(1, 4),
+    cpus=st.sampled_from([0.5, 1.0, 2.0, 3.0, 4.0]),
+    gpus=st.sampled_from([0.0, 0.0, 1.0, 2.0]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    waiting=st.lists(job_strategy, max_size=25),
+    running=st.lists(job_strategy, max_size=3),
+    cpus=st.sampled_from([2.0, 4.0, 8.0, 16.0]),
+    gpus=st.sampled_from([0.0, 1.0, 4.0]),
+    cap=st.one_of(st.none(), st.integers(1, 8)),
+)
+def test_plan_never_overcommits_and_explains_every_wait(
+    waiting: list[FakeJob], running: list[FakeJob], cpus: float, gpus: float, cap: int | None
+) -> None:
+    total = Resources(cpus, gpus)
+    result = plan(waiting, running, total, Policy(max_workers_per_user=cap), NOW)
+    admitted_ids = {job.id for job in result.admit}
+    # Every queued job is either admitted whole or has a reason, never both.
+    assert admitted_ids.isdisjoint(result.waiting)
+    assert admitted_ids | set(result.waiting) == {job.id for job in waiting}
+    # What runs after admission fits beside what ran before it (a gang fits whole or waits).
+    used_cpus = sum(job.cpus for job in running)
+    used_gpus = sum(job.gpus for job in running)
+    if used_cpus <= cpus and used_gpus <= gpus:
+        assert used_cpus + sum(j.cpus for j in result.admit) <= cpus + 1e-9
+        assert used_gpus + sum(j.gpus for j in result.admit) <= gpus + 1e-9
+    # No user passes the cap through what is admitted now.
+    if cap is not None:
+        for owner in {job.owner for job in result.admit}:
+            before = sum(job.workers for job in running if job.owner == owner)
+            added = sum(job.workers for job in result.admit if job.owner == owner)
+            assert before + added <= max(cap, before)
+            assert added == 0 or before + added <= cap
+    # Admission follows queue order up to the first gang that does not fit.
+    order = [job.id for job in queue_order(waiting, NOW, Policy())]
+    admitted_positions = [order.index(job.id) for job in result.admit]
+    assert admitted_positions == sorted(admitted_positions)
