@@ -13,7 +13,7 @@ from workers import sparse
 from workers.augment import build_augment
 from workers.data import load_dataset
 from workers.encoders import build_encoder
-from workers.methods import Batch
+from workers.methods import Batch, Method
 from workers.methods.sparse_coding import SparseCoding
 
 
@@ -33,17 +33,27 @@ def learn_dictionary(
     dim = train.shape[1]
     backbone = build_encoder({"arch": "mlp", "in_channels": dim, "image_size": 1, "out_dim": 1})
     method = SparseCoding(backbone, 1, len(train), atoms, lam, "fista", 1e-4, 300)
-    optimizer = torch.optim.Adam(method.parameters(), lr=lr)
+    train_method(method, torch.optim.Adam(method.parameters(), lr=lr), train, steps, batch)
+    return method.coder.dictionary.detach().clone()
+
+
+def train_method(
+    method: Method, optimizer: torch.optim.Optimizer, data: torch.Tensor, steps: int, batch: int
+) -> dict[str, torch.Tensor]:
+    """``steps`` training steps of ``method`` in one process, as the train loop takes them, on
+    batches drawn with replacement from ``data`` by a seeded generator; returns the last
+    step's outputs."""
     augment = build_augment("none", 1, 0, 0)
     generator = torch.Generator().manual_seed(0)
+    outputs: dict[str, torch.Tensor] = {}
     for step in range(steps):
-        rows = torch.randint(0, len(train), (batch,), generator=generator)
-        loss = method(Batch(train[rows], rows, step, augment))["loss"]
+        rows = torch.randint(0, len(data), (batch,), generator=generator)
+        outputs = method(Batch(data[rows], rows, step, augment))
         optimizer.zero_grad()
-        loss.backward()
+        outputs["loss"].backward()
         optimizer.step()
         method.after_optimizer_step()
-    return method.coder.dictionary.detach().clone()
+    return outputs
 
 
 def fista(
