@@ -10,6 +10,7 @@ killed and started again reconciles every unfinished job with Ray's view of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -30,6 +31,7 @@ from service.tracking import Progress, Tracking
 CONTROLLER = "controller"
 PAUSED_FLAG = "queue.paused"
 CAPACITY_REFRESH_S = 30.0
+KEY_LOCK_STRIPES = 64
 
 
 class JobNotFound(Exception):
@@ -57,7 +59,13 @@ class Controller:
         self.tracking = Tracking(settings.tracking_uri, settings.artifact_root)
         self.ray = RayJobs(settings.ray_dashboard_url)
         self._lock = threading.RLock()  # pairs a state change with its Ray call
-        self._submit_lock = threading.Lock()  # one MLflow run per idempotency key
+        # One MLflow run per idempotency key: submissions with the same key take turns, so a
+        # repeat finds the first one's job instead of making a run it then has to delete.
+        self._key_locks = [threading.Lock() for _ in range(KEY_LOCK_STRIPES)]
+        # MLflow on SQLite takes one writer at a time: concurrent run creations there would
+        # queue inside its connection pool until they time out, so they queue here instead.
+        sqlite = settings.tracking_uri.startswith("sqlite")
+        self._tracking_writes = threading.Lock() if sqlite else contextlib.nullcontext()
         self._capacity: tuple[float, Resources] | None = None
 
     # ---- the cluster ------------------------------------------------------------------------
@@ -104,11 +112,13 @@ class Controller:
                     )
                 ]
             )
-        with self._submit_lock:
+        stripe = hash((principal.user, key)) % KEY_LOCK_STRIPES
+        with self._key_locks[stripe] if key is not None else contextlib.nullcontext():
             if key is not None and (earlier := self._by_key(principal, key, spec_text)):
                 return earlier, False
             job_id = f"job-{uuid.uuid4().hex[:12]}"
-            run_id = self.tracking.create_job_run(job_id, spec)
+            with self._tracking_writes:
+                run_id = self.tracking.create_job_run(job_id, spec)
             now = utcnow()
             job = Job(
                 id=job_id,

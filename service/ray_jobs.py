@@ -31,7 +31,15 @@ class RayJobView:
 class RayJobs:
     def __init__(self, dashboard_url: str) -> None:
         self.address = dashboard_url
-        self.client = JobSubmissionClient(dashboard_url)
+        self._client: JobSubmissionClient | None = None
+
+    @property
+    def client(self) -> JobSubmissionClient:
+        # Connected on first use: the controller can start (and serve its API) before the Ray
+        # cluster answers, and keeps trying on each turn of its loop.
+        if self._client is None:
+            self._client = JobSubmissionClient(self.address)
+        return self._client
 
     def submit(self, job_id: str, entrypoint: str, env: dict[str, str]) -> None:
         phase = self.view(job_id).phase

@@ -21,7 +21,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from service.auth import ADMIN, create_token
@@ -135,33 +134,40 @@ def up(paths: StatePaths, num_cpus: float | None = None, num_gpus: float = 0) ->
     )
     settings.save(paths.server_config)
     _ensure_admin_token(paths, settings.store_url)
-    log = (paths.logs / "controller.log").open("ab")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.server", "--config", str(paths.server_config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        env=_head_env(paths),
-    )
     api_url = f"http://127.0.0.1:{settings.port}"
-    _wait_until(
-        lambda: _answers(f"{api_url}/healthz"),
-        server,
-        f"the controller did not start (see {paths.logs / 'controller.log'})",
+    server = _start_detached(
+        [sys.executable, "-m", "service.server", "--config", str(paths.server_config)],
+        paths,
+        "controller",
+        f"{api_url}/healthz",
     )
     stack = dataclasses.replace(stack, api_url=api_url, server_pid=server.pid)
     stack.save(paths.stack_file)
     return stack
 
 
-def _wait_until(ready: Callable[[], bool], process: subprocess.Popen, failure: str) -> None:
+def _start_detached(
+    command: list[str], paths: StatePaths, name: str, ready_url: str
+) -> subprocess.Popen:
+    """Start ``command`` in its own session (so it outlives this command and `down` can stop
+    its whole group), logging to logs/<name>.log, and wait until ``ready_url`` answers."""
+    log_path = paths.logs / f"{name}.log"
+    process = subprocess.Popen(
+        command,
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=paths.root,
+        env=_head_env(paths),
+    )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not ready():
+    while not _answers(ready_url):
         if process.poll() is not None or time.monotonic() > deadline:
             _stop_group(process.pid)
-            raise StackError(failure)
+            raise StackError(f"{name} did not start (see {log_path})")
         time.sleep(0.25)
+    return process
 
 
 def _start_ray(paths: StatePaths, num_cpus: float | None, num_gpus: float) -> StackInfo:
@@ -188,23 +194,8 @@ def _start_ray(paths: StatePaths, num_cpus: float | None, num_gpus: float) -> St
         "--include-dashboard=true",
         f"--temp-dir={paths.ray_temp_dir}",
     ]
-    log = (paths.logs / "ray-head.log").open("ab")
-    # Its own session, so that the head outlives this command and `down` can find its group.
-    head = subprocess.Popen(
-        command,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        cwd=paths.root,
-        env=_head_env(paths),
-    )
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-    _wait_until(
-        lambda: _answers(f"{dashboard_url}/api/version"),
-        head,
-        f"the Ray head did not start (see {paths.logs / 'ray-head.log'})",
-    )
+    head = _start_detached(command, paths, "ray-head", f"{dashboard_url}/api/version")
     stack = StackInfo(
         ray_address=f"127.0.0.1:{gcs_port}",
         dashboard_url=dashboard_url,

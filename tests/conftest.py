@@ -25,6 +25,18 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 SELFSUP = str(Path(sys.executable).with_name("selfsup"))
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the module: thousands of tiny matrix products run faster than
+    on two threads fighting over two cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """A Ray instance inside the test process, for TorchTrainer-based tests."""

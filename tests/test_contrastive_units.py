@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.spec import SpecError, load_spec_text, parse_spec, read_yaml, train_size
+from tests.resume import straight_halfway_resumed
 from workers.augment import build_augment
 from workers.data import load_dataset, split_indices
 from workers.encoders import backbone_config, build_encoder
@@ -251,26 +252,11 @@ def train_steps(
 @pytest.mark.parametrize("method_name", ["moco", "pirl"])
 def test_resume_is_exact(method_name: str, tmp_path: Path) -> None:
     images = load_dataset("builtin:digits").images[:64]
-    straight, straight_optimizer = build(method_name, seed=0)
-    train_steps(straight, straight_optimizer, range(6), images)
-
-    first, first_optimizer = build(method_name, seed=0)
-    train_steps(first, first_optimizer, range(3), images)
-    torch.save(
-        {"method": first.state_dict(), "optimizer": first_optimizer.state_dict()},
-        tmp_path / "state.pt",
+    expected, halfway, actual = straight_halfway_resumed(
+        lambda seed: build(method_name, seed=seed), train_steps, images, tmp_path
     )
-    # A fresh process would start from other weights and another global RNG state.
-    resumed, resumed_optimizer = build(method_name, seed=1)
-    torch.rand(1000)
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
-    resumed.load_state_dict(state["method"])
-    resumed_optimizer.load_state_dict(state["optimizer"])
-    train_steps(resumed, resumed_optimizer, range(3, 6), images)
-
-    expected, actual = straight.state_dict(), resumed.state_dict()
     assert expected.keys() == actual.keys()
     store = "queue" if method_name == "moco" else "bank"
-    assert store in expected and not torch.equal(expected[store], first.state_dict()[store])
+    assert store in expected and not torch.equal(expected[store], halfway[store])
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key

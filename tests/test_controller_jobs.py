@@ -1,19 +1,23 @@
 """The controller with real jobs on the real stack: admission in priority order with room for
-one gang, a Ray Train worker killed mid-run, the controller itself killed and restarted, and a
-driver killed so that the controller retries the job from its checkpoint."""
+one gang, a Ray Train worker killed mid-run, the controller itself killed and restarted, a
+driver killed so that the controller retries the job from its checkpoint, and the watchdog."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
+import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.spec import read_yaml
-from tests.conftest import Stack
+from service.client import ApiClient
+from service.stack import _answers, _free_port
+from tests.conftest import SELFSUP, Stack
 from tests.processes import command_line, find
 
 SPECS = Path(__file__).parent / "specs"
@@ -120,3 +124,49 @@ def test_killed_driver_is_retried_from_its_checkpoint(stack: Stack, tmp_path: Pa
     client = MlflowClient(stack.tracking_uri)
     (resumed,) = client.get_metric_history(job["mlflow_run_id"], "train.resumed_from_epoch")
     assert resumed.value >= 0
+
+
+def test_watchdog_fails_a_job_whose_progress_stalls(stack: Stack, tmp_path: Path) -> None:
+    """A second controller, `selfsup server` with its own store and MLflow, on the same Ray
+    cluster, with a 2-second watchdog: no job takes its first step that fast."""
+    settings = yaml.safe_load((stack.home / "server.yaml").read_text())
+    port = _free_port()
+    settings |= {
+        "port": port,
+        "store_url": f"sqlite:///{tmp_path / 'jobs.db'}",
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "artifact_root": str(tmp_path / "artifacts"),
+        "storage_path": str(tmp_path / "runs"),
+        "watchdog_s": 2.0,
+        "tick_s": 0.5,
+    }
+    config = tmp_path / "server.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    token = stack.cli("token", "create", "dana", "--store-url", settings["store_url"], check=True)
+    env = {**stack.env, "SELFSUP_API_URL": f"http://127.0.0.1:{port}"}
+    env["SELFSUP_TOKEN"] = token.stdout.strip()
+    server = subprocess.Popen(
+        [SELFSUP, "server", "--config", str(config)],
+        env=stack.env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "server.log").open("w"),
+    )
+    try:
+        api = ApiClient(env["SELFSUP_API_URL"], env["SELFSUP_TOKEN"])
+        deadline = time.monotonic() + 60
+        while not _answers(f"{api.url}/healthz"):
+            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        spec = training_spec(tmp_path, "stalled", epochs=50)
+        submitted = stack.run_cli(env, "job", "submit", str(spec), "-o", "json")
+        job_id = json.loads(submitted.stdout)["id"]
+        deadline = time.monotonic() + 120
+        while (job := api.request("GET", f"/v1/jobs/{job_id}"))["state"] not in ("FAILED",):
+            assert time.monotonic() < deadline and job["state"] != "SUCCEEDED", job
+            time.sleep(0.5)
+        assert "no training progress for 2 s (watchdog)" in job["message"]
+        failed = stack.run_cli(env, "job", "status", job_id)
+        assert failed.returncode == 0 and "watchdog" in failed.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

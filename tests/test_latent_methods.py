@@ -4,8 +4,6 @@ closed forms, corruption, and the spec and data sources they need."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -25,12 +23,7 @@ from workers.methods.rbm import RBM
 AUGMENT = build_augment("none", 8, 0, 0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def backbone(arch: str, in_channels: int, image_size: int, out_dim: int = 32) -> torch.nn.Module:

@@ -5,7 +5,7 @@ workers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.latent_ranks import part_results, register_part
+from tests.resume import straight_halfway_resumed
 from workers import dist
 from workers.augment import build_augment
 from workers.data import load_dataset
@@ -44,12 +45,7 @@ NOISY: dict[str, Callable[[], Method]] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name: str, seed: int) -> tuple[Method, torch.optim.Optimizer]:
@@ -77,26 +73,11 @@ def digits() -> torch.Tensor:
 @pytest.mark.parametrize("name", list(NOISY))
 def test_resume_is_exact(name: str, tmp_path: Path) -> None:
     images = digits()
-    straight, straight_optimizer = build(name, seed=0)
-    train_steps(straight, straight_optimizer, range(6), images)
-
-    first, first_optimizer = build(name, seed=0)
-    train_steps(first, first_optimizer, range(3), images)
-    torch.save(
-        {"method": first.state_dict(), "optimizer": first_optimizer.state_dict()},
-        tmp_path / "state.pt",
+    expected, halfway, actual = straight_halfway_resumed(
+        lambda seed: build(name, seed=seed), train_steps, images, tmp_path
     )
-    # A fresh process starts from other weights and another global RNG state.
-    resumed, resumed_optimizer = build(name, seed=1)
-    torch.rand(1000)
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
-    resumed.load_state_dict(state["method"])
-    resumed_optimizer.load_state_dict(state["optimizer"])
-    train_steps(resumed, resumed_optimizer, range(3, 6), images)
-
-    expected, actual = straight.state_dict(), resumed.state_dict()
     assert expected.keys() == actual.keys()
-    assert any(not torch.equal(expected[key], first.state_dict()[key]) for key in expected)
+    assert any(not torch.equal(expected[key], halfway[key]) for key in expected)
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
 

@@ -5,8 +5,6 @@ LISTA's ISTA initialisation against ISTA, and unit atoms after every dictionary 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from sklearn.decomposition import sparse_encode
@@ -22,13 +20,7 @@ from workers.methods.sparse_coding import SparseCoding
 LAM = 0.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Thousands of tiny matrix products: one thread is faster than two fighting over 2 cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ on 2-D points (builtin:spiral) accepted exactly when their method can train on t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -96,12 +95,7 @@ def test_image_encoders_and_augmentations_on_points_name_their_field(
     assert problem == field and "2-D points" in message
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_step(job: dict[str, Any]) -> None:

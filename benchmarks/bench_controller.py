@@ -1,0 +1,215 @@
+"""The controller under load: submit latency and throughput of its HTTP API, and the
+scheduler's decision time with a deep queue. Each figure has a reference measured beside it
+in the same run, because this machine is shared and noisy.
+
+API: a real `selfsup server` process (SQLite job store and MLflow on SQLite, as `selfsup up`
+runs it) with the queue paused, so only the submit path is measured. N submissions, each
+with its own idempotency key, from C concurrent clients; references: GET /healthz from the
+same clients (the HTTP round trip alone), and the MLflow run each submit creates, made
+directly and sequentially (the store work alone).
+
+Scheduler: Q queued jobs of random owners, priorities and ages in a SQLite store; one
+decision = read the queue and the running jobs from the store, then `scheduler.plan`. The
+reference is Python's sort of the same jobs by (priority, age).
+
+    .venv/bin/python -m benchmarks.bench_controller                    # 1000 x 20, 10000 queued
+    .venv/bin/python -m benchmarks.bench_controller --submissions 200 --queued 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+from pipelines.spec import load_spec_text
+from service.auth import ADMIN, create_token
+from service.client import ApiClient
+from service.controller import PAUSED_FLAG, gang_resources
+from service.scheduler import Policy, Resources, plan
+from service.settings import ServerSettings
+from service.stack import _free_port
+from service.store import ACTIVE_STATES, Job, JobState, JobStore, utcnow
+from service.tracking import Tracking
+
+SPEC = Path(__file__).parent.parent / "tests" / "specs" / "tiny-pca.yaml"
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "p50_ms": 1000 * statistics.median(ordered),
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    }
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, ApiClient, ServerSettings]:
+    settings = ServerSettings(
+        port=_free_port(),
+        store_url=f"sqlite:///{folder / 'jobs.db'}",
+        tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+        artifact_root=str(folder / "artifacts"),
+        ray_dashboard_url="http://127.0.0.1:9",  # never called: the queue stays paused
+        storage_path=str(folder / "runs"),
+        cluster_cpus=2,
+        cluster_gpus=0,
+    )
+    settings.save(folder / "server.yaml")
+    store = JobStore(settings.store_url)
+    store.set_flag(PAUSED_FLAG, "true")
+    token = create_token(store, "bench", ADMIN)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.server", "--config", str(folder / "server.yaml")],
+        stdout=(folder / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start: see {folder / 'server.log'}") from None
+            time.sleep(0.2)
+    return server, ApiClient(url, token), settings
+
+
+def timed_calls(count: int, clients: int, call: callable) -> tuple[list[float], float]:
+    def one(_index: int) -> float:
+        started = time.perf_counter()
+        call()
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        latencies = list(pool.map(one, range(count)))
+    return latencies, time.perf_counter() - started
+
+
+def bench_api(submissions: int, clients: int) -> dict:
+    spec_text = SPEC.read_text()
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as scratch:
+        server, api, settings = start_server(Path(scratch))
+        try:
+            body = {"spec": spec_text}
+            submit_latencies, submit_wall = timed_calls(
+                submissions,
+                clients,
+                lambda: api.request(
+                    "POST", "/v1/jobs", body, headers={"Idempotency-Key": uuid.uuid4().hex}
+                ),
+            )
+            health_latencies, health_wall = timed_calls(
+                submissions, clients, lambda: api.request("GET", "/healthz")
+            )
+            stored = JobStore(settings.store_url).count()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        tracking = Tracking(f"sqlite:///{Path(scratch) / 'mlflow-direct.db'}")
+        spec = load_spec_text(spec_text)
+        direct = []
+        for _ in range(min(submissions, 200)):
+            started = time.perf_counter()
+            tracking.create_job_run(f"job-{uuid.uuid4().hex[:12]}", spec)
+            direct.append(time.perf_counter() - started)
+    assert stored == submissions, (stored, submissions)
+    return {
+        "submissions": submissions,
+        "clients": clients,
+        "submit": percentiles(submit_latencies) | {"per_s": submissions / submit_wall},
+        "healthz": percentiles(health_latencies) | {"per_s": submissions / health_wall},
+        "mlflow_run_direct": percentiles(direct),
+    }
+
+
+def bench_scheduler(queued: int, repeats: int) -> dict:
+    rng = random.Random(0)
+    spec = load_spec_text(SPEC.read_text())
+    cpus, gpus = gang_resources(spec)
+    now = utcnow()
+    with tempfile.TemporaryDirectory(prefix="bench-sched-") as scratch:
+        store = JobStore(f"sqlite:///{Path(scratch) / 'jobs.db'}")
+        for index in range(queued + 4):
+            created = now - timedelta(seconds=rng.uniform(0, 86_400))
+            state = JobState.RUNNING if index < 4 else JobState.QUEUED
+            store.add(
+                Job(
+                    id=f"job-{index:06d}",
+                    name="bench",
+                    owner=f"user-{rng.randrange(50)}",
+                    state=str(state),
+                    priority=rng.randint(-10, 10),
+                    spec_yaml="",
+                    spec={},
+                    config_hash="",
+                    workers=rng.choice([1, 2, 4]),
+                    cpus=cpus * rng.choice([1, 2, 4]),
+                    gpus=gpus,
+                    created_at=created,
+                    updated_at=created,
+                ),
+                actor="bench",
+                reason="benchmark",
+            )
+        policy = Policy(max_workers_per_user=8)
+        total = Resources(64, 0)
+        decide, plan_only, sort_only = [], [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            waiting = store.list([JobState.QUEUED])
+            active = store.list(ACTIVE_STATES)
+            loaded = time.perf_counter()
+            result = plan(waiting, active, total, policy, utcnow())
+            finished = time.perf_counter()
+            sorted(waiting, key=lambda job: (-job.priority, job.created_at))
+            sort_only.append(time.perf_counter() - finished)
+            decide.append(finished - started)
+            plan_only.append(finished - loaded)
+    assert len(result.admit) + len(result.waiting) == queued
+    return {
+        "queued": queued,
+        "decision_with_store_ms": 1000 * statistics.median(decide),
+        "plan_only_ms": 1000 * statistics.median(plan_only),
+        "python_sort_ms": 1000 * statistics.median(sort_only),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--submissions", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--queued", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    api = bench_api(args.submissions, args.clients)
+    scheduler = bench_scheduler(args.queued, args.repeats)
+    print(json.dumps({"api": api, "scheduler": scheduler}, indent=2))
+    submit, health = api["submit"], api["healthz"]
+    print(
+        f"\nsubmit: p50 {submit['p50_ms']:.0f} ms, p99 {submit['p99_ms']:.0f} ms, "
+        f"{submit['per_s']:.1f}/s ({args.submissions} from {args.clients} clients); "
+        f"healthz p50 {health['p50_ms']:.1f} ms; one MLflow run made directly: "
+        f"p50 {api['mlflow_run_direct']['p50_ms']:.1f} ms"
+    )
+    print(
+        f"scheduler, {args.queued} queued: {scheduler['decision_with_store_ms']:.0f} ms per "
+        f"decision with the store reads, plan alone {scheduler['plan_only_ms']:.1f} ms, "
+        f"Python's sort of the same jobs {scheduler['python_sort_ms']:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
