@@ -28,6 +28,7 @@ from service.config import StatePaths
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3, 4
 WAIT_POLL_S = 1.0
 LOG_POLL_S = 1.0
+CONTROLLER_RESTART_GRACE_S = 120.0
 BAR_WIDTH = 20
 FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 OUTPUTS = ("table", "json", "yaml")
@@ -217,12 +218,25 @@ def _progress_line(job: dict[str, Any]) -> str:
     )
 
 
+def _poll(api: ApiClient, path: str, query: dict[str, Any] | None = None) -> Any:
+    """A GET for a follow loop: a controller that restarts meanwhile (same address) is waited
+    for instead of ending the loop; jobs keep running in Ray while it is away."""
+    deadline = time.monotonic() + CONTROLLER_RESTART_GRACE_S
+    while True:
+        try:
+            return api.request("GET", path, query=query)
+        except ApiError as error:
+            if error.status != 0 or time.monotonic() > deadline:
+                raise
+            time.sleep(WAIT_POLL_S)
+
+
 def _wait(api: ApiClient, job_id: str, output: str) -> int:
     """Follow a job to its end with a live progress line; exit 0 if it succeeded, else 1."""
     live = sys.stdout.isatty()
     last = ""
     while True:
-        job = api.request("GET", f"/v1/jobs/{job_id}")
+        job = _poll(api, f"/v1/jobs/{job_id}")
         line = _progress_line(job)
         if line != last:
             # On a terminal the bar redraws in place; in a log each change is its own line.
@@ -302,7 +316,7 @@ def cmd_job_logs(args: argparse.Namespace) -> int:
     api = _api(args)
     offset = 0
     while True:
-        chunk = api.request("GET", f"/v1/jobs/{args.job_id}/logs", query={"offset": offset})
+        chunk = _poll(api, f"/v1/jobs/{args.job_id}/logs", {"offset": offset})
         sys.stdout.write(chunk["text"])
         sys.stdout.flush()
         offset = chunk["offset"]

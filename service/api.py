@@ -169,7 +169,9 @@ def create_app(controller: Controller) -> FastAPI:
     def logs(job_id: str, user: User, offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
         text = controller.logs(user, job_id)
         state = controller.get(user, job_id).state
-        return {"text": text[offset:], "offset": max(offset, len(text)), "state": state}
+        if len(text) < offset:  # a new attempt started its own, shorter logs: from its start
+            offset = 0
+        return {"text": text[offset:], "offset": len(text), "state": state}
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str, user: User) -> dict[str, Any]:

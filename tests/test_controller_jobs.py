@@ -47,10 +47,13 @@ def submit(stack: Stack, spec: Path) -> str:
     return json.loads(stack.cli("job", "submit", str(spec), "-o", "json", check=True).stdout)["id"]
 
 
-def wait_for_checkpoint(stack: Stack, job_id: str, timeout: float = 240) -> None:
+def wait_for_checkpoints(stack: Stack, job_id: str, timeout: float = 240) -> None:
+    """Until the second checkpoint is on disk: a worker writes a checkpoint's files before Ray
+    Train has registered it, and reports go one at a time, so the first is then registered
+    and a restart resumes from it."""
     deadline = time.monotonic() + timeout
-    while not list((stack.home / "runs" / job_id).glob("checkpoint_*/state.pt")):
-        assert time.monotonic() < deadline, "no checkpoint appeared"
+    while len(list((stack.home / "runs" / job_id).glob("checkpoint_*/state.pt"))) < 2:
+        assert time.monotonic() < deadline, "no two checkpoints appeared"
         time.sleep(0.3)
 
 
@@ -79,7 +82,11 @@ def test_one_gang_at_a_time_in_priority_order(stack: Stack, tmp_path: Path) -> N
 
 def test_job_survives_a_killed_worker_and_a_killed_controller(stack: Stack, tmp_path: Path) -> None:
     job_id = submit(stack, training_spec(tmp_path, "chaos-digits", epochs=5))
-    wait_for_checkpoint(stack, job_id)
+    # `job logs -f` follows the job from the start, through both kills, to its end.
+    follower = subprocess.Popen(
+        [SELFSUP, "job", "logs", job_id, "-f"], env=stack.env, stdout=subprocess.PIPE, text=True
+    )
+    wait_for_checkpoints(stack, job_id)
     head = stack.info["head_pid"]
     workers = find(head, "RayTrainWorker")
     assert workers, "no Ray Train worker process found under the Ray head"
@@ -101,11 +108,14 @@ def test_job_survives_a_killed_worker_and_a_killed_controller(stack: Stack, tmp_
     run = client.get_run(job["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert client.get_metric_history(run.info.run_id, "train.resumed_from_epoch")
+    followed, _ = follower.communicate(timeout=60)  # it ends by itself once the job has
+    assert follower.returncode == 0
+    assert f'"job_id": "{job_id}"' in followed  # the driver's last words
 
 
 def test_killed_driver_is_retried_from_its_checkpoint(stack: Stack, tmp_path: Path) -> None:
     job_id = submit(stack, training_spec(tmp_path, "retry-digits", epochs=5, max_retries=1))
-    wait_for_checkpoint(stack, job_id)
+    wait_for_checkpoints(stack, job_id)
     # The driver's python, not the shell Ray Jobs runs the entrypoint through.
     (driver,) = [
         pid

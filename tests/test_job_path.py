@@ -122,7 +122,7 @@ def test_invalid_spec_is_refused_and_nothing_is_stored(stack: Stack, tmp_path: P
 
 
 def test_killed_job_resumes_from_its_checkpoint(stack: Stack, tmp_path: Path) -> None:
-    epochs = 20
+    epochs = 8
     spec = write_spec(tmp_path, "resume-digits", epochs=epochs)
     submitted = json.loads(stack.cli("job", "submit", str(spec), "-o", "json", check=True).stdout)
     job_id = submitted["id"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from service.auth import ADMIN, AuthError, authenticate, create_token
 from service.store import Job, JobState, JobStore, utcnow
 from tests.postgres import postgres_bin, postgres_server
 
@@ -93,3 +94,35 @@ def test_state_survives_a_new_store_on_the_same_database(url: str) -> None:
     reopened = JobStore(url)
     assert [job.id for job in reopened.list([JobState.CANCELLED])] == ["job-1"]
     assert reopened.list([JobState.QUEUED]) == []
+
+
+def test_an_idempotency_key_names_one_job_per_owner(url: str) -> None:
+    store = JobStore(url)
+
+    def keyed(job_id: str, owner: str, key: str) -> Job:
+        job = new_job(job_id)
+        job.owner, job.idempotency_key = owner, key
+        return job
+
+    assert store.add(keyed("job-1", "alice", "k"), actor="alice", reason="submitted")
+    assert store.add(keyed("job-2", "alice", "k"), actor="alice", reason="again") is None
+    assert store.add(keyed("job-3", "bob", "k"), actor="bob", reason="another owner")
+    assert store.by_key("alice", "k").id == "job-1"
+    assert store.get("job-2") is None and store.transitions("job-2") == []
+    assert store.count() == 2
+
+
+def test_tokens_are_stored_as_hashes_and_map_to_users(url: str) -> None:
+    store = JobStore(url)
+    token = create_token(store, "alice", ADMIN)
+    principal = authenticate(store, f"Bearer {token}")
+    assert (principal.user, principal.is_admin) == ("alice", True)
+    with create_engine(url).connect() as connection:
+        stored = connection.execute(text("SELECT digest FROM api_tokens")).scalars().all()
+    assert token not in stored and len(stored) == 1
+    for header in (None, "", token, "Basic abc", f"Bearer {token}x"):
+        with pytest.raises(AuthError):
+            authenticate(store, header)
+    assert store.revoke_tokens("alice") == 1
+    with pytest.raises(AuthError):
+        authenticate(store, f"Bearer {token}")
