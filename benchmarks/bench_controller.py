@@ -9,8 +9,9 @@ same clients (the HTTP round trip alone), and the MLflow run each submit creates
 directly and sequentially (the store work alone).
 
 Scheduler: Q queued jobs of random owners, priorities and ages in a SQLite store; one
-decision = read the queue and the running jobs from the store, then `scheduler.plan`. The
-reference is Python's sort of the same jobs by (priority, age).
+decision = read the queue and the running jobs from the store (the columns admission needs,
+as the controller's loop reads them), then `scheduler.plan`. The reference is Python's sort
+of the same jobs by (priority, age).
 
     .venv/bin/python -m benchmarks.bench_controller                    # 1000 x 20, 10000 queued
     .venv/bin/python -m benchmarks.bench_controller --submissions 200 --queued 1000
@@ -169,8 +170,8 @@ def bench_scheduler(queued: int, repeats: int) -> dict:
         decide, plan_only, sort_only = [], [], []
         for _ in range(repeats):
             started = time.perf_counter()
-            waiting = store.list([JobState.QUEUED])
-            active = store.list(ACTIVE_STATES)
+            waiting = store.schedulable([JobState.QUEUED])
+            active = store.schedulable(ACTIVE_STATES)
             loaded = time.perf_counter()
             result = plan(waiting, active, total, policy, utcnow())
             finished = time.perf_counter()

@@ -67,6 +67,7 @@ class Controller:
         sqlite = settings.tracking_uri.startswith("sqlite")
         self._tracking_writes = threading.Lock() if sqlite else contextlib.nullcontext()
         self._capacity: tuple[float, Resources] | None = None
+        self._waiting: dict[str, str] = {}  # job id -> why it waits, from the latest plan
 
     # ---- the cluster ------------------------------------------------------------------------
 
@@ -214,11 +215,17 @@ class Controller:
         return self.ray.logs(job_id)
 
     def waiting_reason(self, job: Job) -> str | None:
+        """Why a job waits, as the loop's latest plan says (planning again for every status
+        request would cost a pass over the whole queue)."""
         if job.state == JobState.RETRYING and job.not_before:
             return f"retry backoff until {aware(job.not_before).isoformat(timespec='seconds')}"
         if job.state != JobState.QUEUED:
             return None
-        return self._plan().waiting.get(job.id, "next to start (at the controller's next turn)")
+        if job.id in self._waiting:
+            return self._waiting[job.id]
+        if self.policy().paused:
+            return "the queue is paused by an admin"
+        return "queued: the controller considers it at its next turn"
 
     def progress(self, job: Job) -> Progress | None:
         if job.state != JobState.RUNNING or not job.mlflow_run_id:
@@ -250,13 +257,17 @@ class Controller:
                         CONTROLLER,
                         "backoff over: requeued",
                     )
-            for job in self._plan().admit:
-                self._start(job)
+            decision = self.plan()
+            self._waiting = decision.waiting
+            for admitted in decision.admit:
+                job = self.store.get(admitted.id)
+                if job is not None:
+                    self._start(job)
 
-    def _plan(self) -> Plan:
+    def plan(self) -> Plan:
         return plan(
-            self.store.list([JobState.QUEUED]),
-            self.store.list(ACTIVE_STATES),
+            self.store.schedulable([JobState.QUEUED]),
+            self.store.schedulable(ACTIVE_STATES),
             self.capacity(),
             self.policy(),
             utcnow(),

@@ -194,6 +194,15 @@ class JobStore:
         with self._session() as session:
             return list(session.scalars(query))
 
+    def schedulable(self, states: Iterable[JobState]) -> list[Any]:
+        """The jobs in ``states`` with just what admission reads (not their specs): rows with
+        id, owner, priority, created_at, workers, cpus and gpus."""
+        query = select(
+            Job.id, Job.owner, Job.priority, Job.created_at, Job.workers, Job.cpus, Job.gpus
+        ).where(Job.state.in_([str(state) for state in states]))
+        with self._session() as session:
+            return list(session.execute(query))
+
     def count(self) -> int:
         with self._session() as session:
             return session.scalar(select(func.count()).select_from(Job)) or 0

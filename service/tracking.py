@@ -99,8 +99,9 @@ class Tracking:
         ).info.run_id
 
     def run_url_hint(self, run_id: str) -> str:
-        experiment_id = self.client.get_run(run_id).info.experiment_id
-        return f"#/experiments/{experiment_id}/runs/{run_id}"
+        """The run's page in the MLflow UI, relative to the UI's address (every selfsup run
+        lives in the one experiment)."""
+        return f"#/experiments/{self._experiment_id()}/runs/{run_id}"
 
     def progress(self, run_id: str) -> Progress:
         metrics = self.client.get_run(run_id).data.metrics
