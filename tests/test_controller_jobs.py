@@ -22,6 +22,7 @@ from tests.processes import command_line, find
 
 SPECS = Path(__file__).parent / "specs"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "simclr-digits.yaml"
+STEPS_PER_EPOCH = 5  # 1347 training digits // global batch 256
 
 
 def tiny_spec(tmp_path: Path, name: str, priority: int) -> Path:
@@ -113,9 +114,31 @@ def test_job_survives_a_killed_worker_and_a_killed_controller(stack: Stack, tmp_
     assert f'"job_id": "{job_id}"' in followed  # the driver's last words
 
 
-def test_killed_driver_is_retried_from_its_checkpoint(stack: Stack, tmp_path: Path) -> None:
-    job_id = submit(stack, training_spec(tmp_path, "retry-digits", epochs=5, max_retries=1))
+def test_cancel_retry_and_a_killed_driver_all_resume_from_checkpoints(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """One job, interrupted twice: the user cancels and retries it, then its driver is killed
+    and the controller retries it. Each time it resumes from its latest checkpoint under the
+    same id and MLflow run, and its steps continue where they stopped."""
+    epochs = 10
+    job_id = submit(stack, training_spec(tmp_path, "resume-digits", epochs, max_retries=1))
+    runs = stack.home / "runs" / job_id
     wait_for_checkpoints(stack, job_id)
+
+    stack.cli("job", "cancel", job_id, check=True)  # stops the Ray job, keeps the rest
+    cancelled = stack.admin.request("GET", f"/v1/jobs/{job_id}")
+    assert cancelled["state"] == "CANCELLED"
+    run_id = cancelled["mlflow_run_id"]
+    client = MlflowClient(stack.tracking_uri)
+    assert client.get_run(run_id).info.status == "KILLED"
+    before_retry = {path.name for path in runs.glob("checkpoint_*")}
+    assert before_retry
+
+    stack.cli("job", "retry", job_id, check=True)
+    deadline = time.monotonic() + 240
+    while len({path.parent.name for path in runs.glob("checkpoint_*/state.pt")} - before_retry) < 2:
+        assert time.monotonic() < deadline, "the retried job wrote no two new checkpoints"
+        time.sleep(0.3)
     # The driver's python, not the shell Ray Jobs runs the entrypoint through.
     (driver,) = [
         pid
@@ -126,14 +149,33 @@ def test_killed_driver_is_retried_from_its_checkpoint(stack: Stack, tmp_path: Pa
 
     job = stack.wait_for(job_id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=480)
     assert job["state"] == "SUCCEEDED", job["message"]
-    assert job["attempts"] == 2 and job["retries"] == 1
+    assert job["attempts"] == 3 and job["retries"] == 1
     history = transitions(stack, job_id)
-    retrying = next(t for t in history if t["to"] == "RETRYING")
-    assert "retry 1 of 1" in retrying["reason"]
-    assert [t["to"] for t in history][-4:] == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
-    client = MlflowClient(stack.tracking_uri)
-    (resumed,) = client.get_metric_history(job["mlflow_run_id"], "train.resumed_from_epoch")
-    assert resumed.value >= 0
+    moves = [(t["from"], t["to"]) for t in history]
+    assert moves == [
+        (None, "QUEUED"),
+        ("QUEUED", "STARTING"),
+        ("STARTING", "RUNNING"),
+        ("RUNNING", "CANCELLED"),  # the user
+        ("CANCELLED", "QUEUED"),  # the user's retry
+        ("QUEUED", "STARTING"),
+        ("STARTING", "RUNNING"),
+        ("RUNNING", "RETRYING"),  # the killed driver
+        ("RETRYING", "QUEUED"),  # after the backoff
+        ("QUEUED", "STARTING"),
+        ("STARTING", "RUNNING"),
+        ("RUNNING", "SUCCEEDED"),
+    ]
+    assert "retry 1 of 1" in history[7]["reason"] and history[7]["actor"] == "controller"
+
+    resumes = client.get_metric_history(run_id, "train.resumed_from_epoch")
+    assert len(resumes) == 2 and resumes[0].value < resumes[1].value < epochs - 1
+    for resume in resumes:  # logged at the checkpoint's step count, not from zero
+        assert resume.step == (int(resume.value) + 1) * STEPS_PER_EPOCH
+    assert max(m.step for m in client.get_metric_history(run_id, "train.step")) == (
+        epochs * STEPS_PER_EPOCH
+    )
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_watchdog_fails_a_job_whose_progress_stalls(stack: Stack, tmp_path: Path) -> None:
