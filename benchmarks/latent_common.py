@@ -60,8 +60,7 @@ def fista(
     y: torch.Tensor, dictionary: torch.Tensor, lam: float, tol: float, max_iter: int, **kw: Any
 ) -> sparse.Solution:
     """Batched FISTA (``accelerated=False``: ISTA) on y (n, D) with W (D, atoms)."""
-    forward, adjoint = sparse.dense_operators(dictionary)
-    return sparse.solve(y, forward, adjoint, (1, dictionary.shape[1]), lam, tol, max_iter, **kw)
+    return sparse.solve_dense(y, dictionary, lam, tol, max_iter, **kw)
 
 
 def objective(y: torch.Tensor, codes: torch.Tensor, dictionary: torch.Tensor, lam: float) -> float:

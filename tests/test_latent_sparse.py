@@ -1,7 +1,8 @@
 """The sparse-coding math against independent references: ISTA and FISTA against
 scikit-learn's sparse_encode (lam = 2 * alpha, see workers/sparse.py), power iteration against
 an eigendecomposition, convolutional FISTA against dense FISTA on the convolution's matrix,
-LISTA's ISTA initialisation against ISTA, and unit atoms after every dictionary step."""
+LISTA's ISTA (FISTA) initialisation against ISTA (FISTA), and unit atoms after every dictionary
+step."""
 
 from __future__ import annotations
 
@@ -116,18 +117,21 @@ def test_convolutional_fista_equals_fista_on_the_convolutions_matrix() -> None:
     torch.testing.assert_close(conv_codes, dense.codes, atol=1e-6, rtol=0)
 
 
-def test_lista_starts_as_t_steps_of_ista(patches: torch.Tensor, dictionary: torch.Tensor) -> None:
+@pytest.mark.parametrize("momentum", [False, True])
+def test_lista_starts_as_t_steps_of_ista_or_fista(
+    patches: torch.Tensor, dictionary: torch.Tensor, momentum: bool
+) -> None:
+    """T layers started from W compute T ISTA steps; with momentum, T FISTA steps."""
     y = patches[64:].float()
     atoms = dictionary.float()
+    config = {"arch": "lista", "input_dim": 64, "atoms": 128, "layers": 4, "lam": LAM}
     for tied in (True, False):
-        lista = build_encoder(
-            {"arch": "lista", "input_dim": 64, "atoms": 128, "layers": 4, "tied": tied, "lam": LAM}
-        )
+        lista = build_encoder({**config, "tied": tied, "momentum": momentum})
         lista.start_from_ista(atoms, LAM)
         forward, adjoint = sparse.dense_operators(atoms)
-        ista = sparse.solve(y, forward, adjoint, (1, 128), LAM, 1e-30, 4, accelerated=False)
-        assert ista.iterations == 4
-        torch.testing.assert_close(lista(y), ista.codes, atol=1e-5, rtol=1e-4)
+        solver = sparse.solve(y, forward, adjoint, (1, 128), LAM, 1e-30, 4, accelerated=momentum)
+        assert solver.iterations == 4
+        torch.testing.assert_close(lista(y), solver.codes, atol=1e-5, rtol=1e-4)
 
 
 def test_atoms_have_unit_norm_after_every_dictionary_step() -> None:

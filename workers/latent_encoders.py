@@ -8,6 +8,8 @@ Inputs are images (n, C, H, W) or vectors (n, D); all but the convolutional code
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,7 @@ from workers.sparse import (
     normalize_columns_,
     soft_threshold,
     solve,
+    solve_dense,
 )
 
 
@@ -74,11 +77,13 @@ class SparseCoder(nn.Module):
         normalize_columns_(self.dictionary, dim=1)
 
     def infer(self, samples: torch.Tensor) -> Solution:
-        forward, adjoint = dense_operators(self.dictionary.detach())
-        y = samples.flatten(1)
-        shape = (1, self.dictionary.shape[1])
-        return solve(
-            y, forward, adjoint, shape, self.lam, self.tol, self.max_iter, self.accelerated
+        return solve_dense(
+            samples.flatten(1),
+            self.dictionary.detach(),
+            self.lam,
+            self.tol,
+            self.max_iter,
+            self.accelerated,
         )
 
     def forward(self, samples: torch.Tensor) -> torch.Tensor:
@@ -126,17 +131,37 @@ class ConvSparseCoder(nn.Module):
 @register_encoder("lista")
 class LISTA(nn.Module):
     """LISTA (Gregor & LeCun 2010): ISTA unrolled into ``layers`` layers with learned
-    matrices and thresholds. z_1 = shrink(B_1 y, theta_1); z_t = shrink(B_t y + S_t z_{t-1},
-    theta_t). ``tied``: one (B, S, theta) shared by all layers, the paper's recurrent form;
-    untied: one per layer. (n, D) -> (n, atoms)."""
+    matrices, step sizes and thresholds:
 
-    def __init__(self, input_dim: int, atoms: int, layers: int, tied: bool, lam: float) -> None:
+        z_t = shrink(x_{t-1} + gamma_t (B_t y - G_t x_{t-1}), theta_t),   x_0 = z_0 = 0,
+
+    with x_t = z_t; i.e. z_t = shrink(gamma_t B_t y + S_t x_{t-1}) with S_t = I - gamma_t G_t,
+    the paper's form. The step gamma_t is redundant with B_t and G_t, but one number per
+    layer lets Adam lengthen a whole step at once (later layers gain from steps longer than
+    1/L, Ablin et al. 2019), which entry-by-entry updates of S_t find slowly. ``tied``: one
+    (B, G, gamma, theta) shared by all layers, the recurrent form; untied: one per layer.
+    ``momentum``: FISTA unrolled instead (a learned FISTA), x_t = z_t + beta_t (z_t - z_{t-1})
+    with a learned beta_t per layer. (n, D) -> (n, atoms)."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        atoms: int,
+        layers: int,
+        tied: bool,
+        lam: float,
+        momentum: bool = False,
+    ) -> None:
         super().__init__()
         self.layers, self.tied = layers, tied
         copies = 1 if tied else layers
         self.filters = nn.Parameter(torch.empty(copies, atoms, input_dim))  # B_t (atoms, D)
-        self.inhibition = nn.Parameter(torch.empty(copies, atoms, atoms))  # S_t (atoms, atoms)
+        self.inhibition = nn.Parameter(torch.empty(copies, atoms, atoms))  # G_t (atoms, atoms)
+        self.steps = nn.Parameter(torch.ones(copies))  # gamma_t
         self.thresholds = nn.Parameter(torch.empty(copies, atoms))  # theta_t (atoms,)
+        # beta_t after layer t = 1 .. T-1 (the last layer's would go unused); per layer even
+        # when tied, as FISTA's own coefficients change from step to step.
+        self.betas = nn.Parameter(torch.empty(layers - 1)) if momentum else None
         dictionary = torch.randn(input_dim, atoms)
         normalize_columns_(dictionary, dim=1)
         self.start_from_ista(dictionary, lam)
@@ -144,24 +169,39 @@ class LISTA(nn.Module):
     @torch.no_grad()
     def start_from_ista(self, dictionary: torch.Tensor, lam: float) -> None:
         """Set every layer to one ISTA step on ``dictionary`` W (D, atoms): B = (2/L) W^T,
-        S = I - (2/L) W^T W, theta = lam / L; then T layers compute T ISTA iterations."""
+        G = (2/L) W^T W, gamma = 1, theta = lam / L, and beta_t to FISTA's (s_{t-1} - 1) / s_t with
+        s_0 = 1, s_t = (1 + sqrt(1 + 4 s_{t-1}^2)) / 2; then T layers compute T ISTA (with
+        ``momentum``: FISTA) iterations."""
         forward, adjoint = dense_operators(dictionary)
         lipschitz = lipschitz_constant(forward, adjoint, (1, dictionary.shape[1]), dictionary)
-        eye = torch.eye(dictionary.shape[1], dtype=dictionary.dtype, device=dictionary.device)
         self.filters.copy_((2.0 / lipschitz) * dictionary.T)
-        self.inhibition.copy_(eye - (2.0 / lipschitz) * dictionary.T @ dictionary)
+        self.inhibition.copy_((2.0 / lipschitz) * dictionary.T @ dictionary)
+        self.steps.fill_(1.0)
         self.thresholds.fill_(lam / lipschitz)
+        if self.betas is not None:
+            step = 1.0
+            for layer in range(self.layers - 1):
+                following = (1.0 + math.sqrt(1.0 + 4.0 * step * step)) / 2.0
+                self.betas[layer] = (step - 1.0) / following
+                step = following
 
     def forward(self, samples: torch.Tensor) -> torch.Tensor:
         y = samples.flatten(1)
-        codes = None
+        codes = point = None
         for layer in range(self.layers):
             copy = 0 if self.tied else layer
             drive = y @ self.filters[copy].T
-            if codes is not None:
-                drive = drive + codes @ self.inhibition[copy].T
+            if point is not None:
+                drive = point + self.steps[copy] * (drive - point @ self.inhibition[copy].T)
+            else:
+                drive = self.steps[copy] * drive
             # A threshold below 0 would grow every code instead of shrinking it.
-            codes = soft_threshold(drive, self.thresholds[copy].clamp_min(0))
+            new = soft_threshold(drive, self.thresholds[copy].clamp_min(0))
+            if self.betas is not None and layer < self.layers - 1:
+                point = new + self.betas[layer] * (new if codes is None else new - codes)
+            else:
+                point = new
+            codes = new
         return codes
 
 

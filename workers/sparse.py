@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -74,48 +75,57 @@ class Solution:
     iterations: int  # iterations run until every sample met the tolerance (or max_iter)
 
 
+# Iterations between two convergence checks. A check reads a value back to the host (a
+# synchronisation on a GPU, a Python branch and a gather on the CPU); checking every iteration
+# cost more than the few extra iterations a sample runs past its tolerance.
+CHECK_EVERY = 10
+
+Descent = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
-def solve(
-    y: torch.Tensor,
-    forward: Operator,
-    adjoint: Operator,
-    code_shape: tuple[int, ...],
-    lam: float,
+def iterate(
+    target: torch.Tensor,
+    descend: Descent,
+    codes: torch.Tensor,
+    threshold: float,
     tol: float,
     max_iter: int,
-    accelerated: bool = True,
-    lipschitz: float | None = None,
+    accelerated: bool,
+    check_every: int = CHECK_EVERY,
 ) -> Solution:
-    """argmin_z E(y, z) from z = 0 by ISTA, or by FISTA (Beck & Teboulle 2009) if
-    ``accelerated``, for a whole batch at once on y's device.
+    """ISTA, or FISTA (Beck & Teboulle 2009) if ``accelerated``, from the zero ``codes``
+    (n, ...), for a whole batch at once on its device. ``descend(x, target)`` is the gradient
+    step x - (1/L) grad f(x) for the rows of ``target`` still iterating:
 
-        ISTA:  z_{t+1} = shrink(x_t - (1/L) * 2 A^T (A x_t - y), lam / L),   x_t = z_t
+        ISTA:  z_{t+1} = shrink(descend(x_t), lam / L),   x_t = z_t
         FISTA: s_{t+1} = (1 + sqrt(1 + 4 s_t^2)) / 2,
                x_{t+1} = z_{t+1} + ((s_t - 1) / s_{t+1}) (z_{t+1} - z_t)
 
-    Each sample stops on its own once ||z_{t+1} - z_t|| <= tol * ||z_{t+1}||, and leaves the
-    working set: later iterations cost only what the unfinished samples cost, and a sample's
-    code does not depend on which other samples share its batch (so a batch split over ranks
-    gives the codes one process would).
-    Shapes: y (n, ...) -> codes (n, *code_shape[1:])."""
-    if lipschitz is None:
-        lipschitz = lipschitz_constant(forward, adjoint, code_shape, y)
-    step, threshold = 1.0 / lipschitz, lam / lipschitz
-    codes = torch.zeros(y.shape[0], *code_shape[1:], dtype=y.dtype, device=y.device)
-    working = torch.arange(y.shape[0], device=y.device)  # samples still iterating
-    current, point, target, momentum = codes, codes, y, 1.0  # the working samples' state
+    Every ``check_every`` iterations (and only then) a sample whose code moved by
+    ||z_{t+1} - z_t|| <= tol * ||z_{t+1}|| stops and leaves the working set: later iterations
+    cost only what the unfinished samples cost, and since the checks fall on fixed iteration
+    numbers a sample's code does not depend on which other samples share its batch (so a batch
+    split over ranks gives the codes one process would). ``iterations`` is the exact count of
+    iterations the last sample ran."""
+    working = torch.arange(codes.shape[0], device=codes.device)  # samples still iterating
+    current, point, momentum = codes, codes, 1.0  # the working samples' state
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 - the count is returned
-        new = soft_threshold(point - 2.0 * step * adjoint(forward(point) - target), threshold)
+        new = F.softshrink(descend(point, target), threshold)
         if accelerated:
             new_momentum = (1.0 + math.sqrt(1.0 + 4.0 * momentum * momentum)) / 2.0
-            point = new + ((momentum - 1.0) / new_momentum) * (new - current)
+            # lerp(z_t, z_{t+1}, 1 + beta) = z_{t+1} + beta (z_{t+1} - z_t), in one pass
+            point = torch.lerp(current, new, 1.0 + (momentum - 1.0) / new_momentum)
             momentum = new_momentum
         else:
             point = new
-        converged = (new - current).flatten(1).norm(dim=1) <= tol * new.flatten(1).norm(dim=1)
+        converged = None
+        if iterations % check_every == 0:
+            change = (new - current).flatten(1).norm(dim=1)
+            converged = change <= tol * new.flatten(1).norm(dim=1)
         current = new
-        if bool(converged.any()):
+        if converged is not None and bool(converged.any()):
             codes[working[converged]] = current[converged]
             going = ~converged
             working, current, point, target = (
@@ -128,6 +138,67 @@ def solve(
                 break
     codes[working] = current  # the samples that reached max_iter
     return Solution(codes=codes, iterations=iterations)
+
+
+def solve(
+    y: torch.Tensor,
+    forward: Operator,
+    adjoint: Operator,
+    code_shape: tuple[int, ...],
+    lam: float,
+    tol: float,
+    max_iter: int,
+    accelerated: bool = True,
+    lipschitz: float | None = None,
+) -> Solution:
+    """argmin_z E(y, z) by ISTA/FISTA (see ``iterate``) for any operator A given as
+    ``forward`` (A z) and ``adjoint`` (A^T r), e.g. a sum of convolutions:
+
+        descend(x) = x - (2/L) A^T (A x - y)
+
+    Shapes: y (n, ...) -> codes (n, *code_shape[1:])."""
+    if lipschitz is None:
+        lipschitz = lipschitz_constant(forward, adjoint, code_shape, y)
+    scale = 2.0 / lipschitz
+    codes = torch.zeros(y.shape[0], *code_shape[1:], dtype=y.dtype, device=y.device)
+
+    def descend(point: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.add(point, adjoint(forward(point) - target), alpha=-scale)
+
+    return iterate(y, descend, codes, lam / lipschitz, tol, max_iter, accelerated)
+
+
+@torch.no_grad()
+def solve_dense(
+    y: torch.Tensor,
+    dictionary: torch.Tensor,
+    lam: float,
+    tol: float,
+    max_iter: int,
+    accelerated: bool = True,
+    lipschitz: float | None = None,
+) -> Solution:
+    """argmin_z E(y, z) by ISTA/FISTA for a dictionary W (D, k), in Gram form: with
+    S = I - (2/L) W^T W and c = (2/L) W^T y, both computed once per batch,
+
+        descend(x) = x - (2/L) (W^T W x - W^T y) = S x + c,
+
+    one fused (n x k)(k x k) product and add per iteration instead of two products, a
+    subtraction and a scaling. L = 2 lambda_max(W^T W) comes from power iteration on the small
+    k x k Gram matrix unless given (it depends only on W: pass it to encode many batches).
+    Shapes: y (n, D) -> codes (n, k)."""
+    gram = dictionary.T @ dictionary
+    if lipschitz is None:
+        lipschitz = lipschitz_constant(lambda z: z @ gram, lambda z: z, (1, len(gram)), y)
+    scale = 2.0 / lipschitz
+    inhibition = torch.eye(len(gram), dtype=y.dtype, device=y.device) - scale * gram  # S, symmetric
+    drive = scale * (y @ dictionary)  # c, as rows (n, k)
+    codes = torch.zeros_like(drive)
+
+    def descend(point: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(target, point, inhibition)
+
+    return iterate(drive, descend, codes, lam / lipschitz, tol, max_iter, accelerated)
 
 
 def normalize_columns_(weight: torch.Tensor, dim: int) -> None:
