@@ -301,14 +301,11 @@ def cmd_job_cancel(args: argparse.Namespace) -> int:
 def cmd_job_retry(args: argparse.Namespace) -> int:
     api = _api(args)
     job = api.request("POST", f"/v1/jobs/{args.job_id}/retry")
-    if args.wait:
-        print(f"{job['id']}: requeued (resumes from its latest checkpoint)")
-        return _wait(api, job["id"], args.output)
-    if args.output != "table":
+    if args.output != "table" and not args.wait:
         _print_document(job, args.output)
-    else:
-        print(f"{job['id']}: requeued (resumes from its latest checkpoint)")
-    return EXIT_OK
+        return EXIT_OK
+    print(f"{job['id']}: requeued (resumes from its latest checkpoint)")
+    return _wait(api, job["id"], args.output) if args.wait else EXIT_OK
 
 
 def cmd_job_logs(args: argparse.Namespace) -> int:

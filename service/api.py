@@ -167,8 +167,8 @@ def create_app(controller: Controller) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/logs")
     def logs(job_id: str, user: User, offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
-        text = controller.logs(user, job_id)
-        state = controller.get(user, job_id).state
+        job = controller.get(user, job_id)
+        text, state = controller.logs(job), job.state
         if len(text) < offset:  # a new attempt started its own, shorter logs: from its start
             offset = 0
         return {"text": text[offset:], "offset": len(text), "state": state}
@@ -184,22 +184,21 @@ def create_app(controller: Controller) -> FastAPI:
     @app.get("/v1/queue")
     def queue(user: User) -> dict[str, Any]:
         total = controller.capacity()
-        jobs = controller.store.list([JobState.QUEUED, *ACTIVE_STATES])
         return {
             "paused": controller.policy().paused,
             "cluster": {"cpus": total.cpus, "gpus": total.gpus},
-            "queued": sum(job.state == JobState.QUEUED for job in jobs),
-            "active": sum(job.state != JobState.QUEUED for job in jobs),
+            "queued": len(controller.store.schedulable([JobState.QUEUED])),
+            "active": len(controller.store.schedulable(ACTIVE_STATES)),
         }
 
     @app.post("/v1/queue/pause")
     def pause(user: Admin) -> dict[str, bool]:
-        controller.set_paused(user, True)
+        controller.set_paused(True)
         return {"paused": True}
 
     @app.post("/v1/queue/resume")
     def resume(user: Admin) -> dict[str, bool]:
-        controller.set_paused(user, False)
+        controller.set_paused(False)
         return {"paused": False}
 
     return app

@@ -62,10 +62,6 @@ class Controller:
         # One MLflow run per idempotency key: submissions with the same key take turns, so a
         # repeat finds the first one's job instead of making a run it then has to delete.
         self._key_locks = [threading.Lock() for _ in range(KEY_LOCK_STRIPES)]
-        # MLflow on SQLite takes one writer at a time: concurrent run creations there would
-        # queue inside its connection pool until they time out, so they queue here instead.
-        sqlite = settings.tracking_uri.startswith("sqlite")
-        self._tracking_writes = threading.Lock() if sqlite else contextlib.nullcontext()
         self._capacity: tuple[float, Resources] | None = None
         self._waiting: dict[str, str] = {}  # job id -> why it waits, from the latest plan
 
@@ -90,7 +86,7 @@ class Controller:
             paused=self.store.flag(PAUSED_FLAG) == "true",
         )
 
-    def set_paused(self, principal: Principal, paused: bool) -> None:
+    def set_paused(self, paused: bool) -> None:
         self.store.set_flag(PAUSED_FLAG, "true" if paused else "false")
 
     # ---- user requests ----------------------------------------------------------------------
@@ -118,8 +114,7 @@ class Controller:
             if key is not None and (earlier := self._by_key(principal, key, spec_text)):
                 return earlier, False
             job_id = f"job-{uuid.uuid4().hex[:12]}"
-            with self._tracking_writes:
-                run_id = self.tracking.create_job_run(job_id, spec)
+            run_id = self.tracking.create_job_run(job_id, spec)
             now = utcnow()
             job = Job(
                 id=job_id,
@@ -141,7 +136,7 @@ class Controller:
             )
             added = self.store.add(job, actor=principal.user, reason="submitted")
             if added is None:  # another server process stored the same key first
-                self.tracking.client.delete_run(run_id)
+                self.tracking.delete_run(run_id)
                 return self._by_key(principal, key or "", spec_text), False
             return added, True
 
@@ -208,11 +203,11 @@ class Controller:
             )
             return self.get(principal, job_id)
 
-    def logs(self, principal: Principal, job_id: str) -> str:
-        self.get(principal, job_id)
-        if self.ray.view(job_id).phase is RayJobPhase.MISSING:
+    def logs(self, job: Job) -> str:
+        """The job's Ray logs: those of its latest attempt, empty before its first."""
+        if job.attempts == 0 or self.ray.view(job.id).phase is RayJobPhase.MISSING:
             return ""
-        return self.ray.logs(job_id)
+        return self.ray.logs(job.id)
 
     def waiting_reason(self, job: Job) -> str | None:
         """Why a job waits, as the loop's latest plan says (planning again for every status
@@ -288,7 +283,7 @@ class Controller:
         if not moved:
             return
         if job.mlflow_run_id:
-            self.tracking.client.update_run(job.mlflow_run_id, status="RUNNING")
+            self.tracking.reopen_run(job.mlflow_run_id)
         self._hand_over(job)
 
     def _hand_over(self, job: Job) -> None:

@@ -5,8 +5,10 @@ No torch here: MLflow's client alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,11 @@ class Tracking:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.artifact_root = artifact_root
         self._experiment: str | None = None
+        # MLflow on SQLite takes one writer at a time: concurrent writers from this process's
+        # threads (the controller's API) would queue inside MLflow's connection pool until they
+        # time out, so they take turns here instead.
+        sqlite = tracking_uri.startswith("sqlite")
+        self._writes = threading.Lock() if sqlite else contextlib.nullcontext()
 
     def _experiment_id(self) -> str:
         if self._experiment is None:
@@ -73,6 +80,10 @@ class Tracking:
             return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
 
     def create_job_run(self, job_id: str, spec: JobSpec) -> str:
+        with self._writes:
+            return self._create_job_run(job_id, spec)
+
+    def _create_job_run(self, job_id: str, spec: JobSpec) -> str:
         run = self.client.create_run(
             self._experiment_id(),
             run_name=job_id,
@@ -119,7 +130,17 @@ class Tracking:
     def mark_run(self, run_id: str, status: RunStatus) -> None:
         run = self.client.get_run(run_id)
         if run.info.status in ("RUNNING", "SCHEDULED"):
-            self.client.set_terminated(run_id, status=RunStatus.to_string(status))
+            with self._writes:
+                self.client.set_terminated(run_id, status=RunStatus.to_string(status))
+
+    def reopen_run(self, run_id: str) -> None:
+        """A retried job logs into its run again."""
+        with self._writes:
+            self.client.update_run(run_id, status="RUNNING")
+
+    def delete_run(self, run_id: str) -> None:
+        with self._writes:
+            self.client.delete_run(run_id)
 
     # ---- registry -------------------------------------------------------------------------
 

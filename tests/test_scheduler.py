@@ -25,15 +25,11 @@ class FakeJob:  # the scheduler's Schedulable protocol; the store's Job has the 
     gpus: float = 0.0
 
 
-def queued(*jobs: FakeJob) -> list[FakeJob]:
-    return list(jobs)
-
-
 def test_priority_then_age() -> None:
     old_low = FakeJob("old-low", priority=0, created_at=NOW - timedelta(seconds=30))
     new_high = FakeJob("new-high", priority=5)
     old_high = FakeJob("old-high", priority=5, created_at=NOW - timedelta(seconds=10))
-    order = queue_order(queued(old_low, new_high, old_high), NOW, Policy(aging_per_minute=0))
+    order = queue_order([old_low, new_high, old_high], NOW, Policy(aging_per_minute=0))
     assert [job.id for job in order] == ["old-high", "new-high", "old-low"]
 
 
