@@ -124,6 +124,7 @@ class LISTAParams(_Section):
     layers: Annotated[int, Field(gt=0, le=64)] = 5  # T
     tied: bool = False  # one (B, S, theta) for all layers, or one per layer
     loss: Literal["code", "energy"] = "code"  # predict the FISTA codes, or minimise E directly
+    momentum: bool = False  # unroll FISTA (a learned momentum per layer) instead of ISTA
     tol: Tolerance = 1e-4  # of the FISTA that gives the target codes and learns W
     max_iter: IterationCap = 300
 

@@ -59,6 +59,13 @@ IN_PROCESS = {
         64,
         "dictionary.png",
     ),
+    "lista_fista_energy": (  # the other LISTA: FISTA unrolled, trained on the energy
+        "lista-digits",
+        {"atoms": 32, "layers": 3, "max_iter": 100, "momentum": True, "loss": "energy"},
+        {},
+        64,
+        "dictionary.png",
+    ),
     "conv_sparse_coding": (
         "conv_sparse_coding-patches",
         {"kernels": 4, "kernel_size": 5, "max_iter": 30},

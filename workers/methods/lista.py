@@ -22,7 +22,8 @@ def code_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class LISTAMethod(SparseCoding):
     """The dictionary W is learned exactly as in sparse coding (FISTA codes z*, gradient step,
     unit columns), and at the same time LISTA f, started as ``layers`` ISTA steps on the
-    initial W, learns to follow it. ``loss`` says what f is trained on:
+    initial W (FISTA steps with ``momentum``: a learned FISTA), learns to follow it. ``loss``
+    says what f is trained on:
 
     - "code":   ||f(y) - z*||^2, predicting the FISTA codes of the current dictionary;
     - "energy": E(y, f(y)) = ||y - W f(y)||^2 + lam |f(y)|_1 with W held fixed, minimising the
@@ -44,6 +45,7 @@ class LISTAMethod(SparseCoding):
         loss: str,
         tol: float,
         max_iter: int,
+        momentum: bool = False,
     ) -> None:
         super().__init__(backbone, feature_dim, num_samples, atoms, lam, "fista", tol, max_iter)
         self.loss = loss
@@ -55,6 +57,7 @@ class LISTAMethod(SparseCoding):
                 "layers": layers,
                 "tied": tied,
                 "lam": lam,
+                "momentum": momentum,
             }
         )
         self.network.start_from_ista(self.coder.dictionary.detach(), lam)
