@@ -46,11 +46,6 @@ class StatePaths:
         return self.root / "runs"
 
     @property
-    def jobs(self) -> Path:
-        """Per-job files the driver reads (jobs/<job id>/job.json)."""
-        return self.root / "jobs"
-
-    @property
     def stack_file(self) -> Path:
         return self.root / "stack.json"
 

@@ -269,16 +269,17 @@ class Controller:
         )
 
     def _start(self, job: Job) -> None:
+        now = utcnow()
         moved = self.store.transition(
             job.id,
             [JobState.QUEUED],
             JobState.STARTING,
             CONTROLLER,
             "admitted: the gang fits",
-            started_at=utcnow(),
+            started_at=now,
             attempts=job.attempts + 1,
             progress_step=None,
-            progress_at=utcnow(),
+            progress_at=now,  # the watchdog counts from the admission
         )
         if not moved:
             return

@@ -203,7 +203,7 @@ def _start_detached(
 
 def _start_ray(paths: StatePaths, num_cpus: float | None, num_gpus: float) -> StackInfo:
     paths.stack_file.unlink(missing_ok=True)
-    for folder in (paths.root, paths.logs, paths.runs, paths.jobs, paths.artifacts):
+    for folder in (paths.root, paths.logs, paths.runs, paths.artifacts):
         folder.mkdir(parents=True, exist_ok=True)
     _ensure_token(paths)
     cpus = num_cpus if num_cpus is not None else float(os.cpu_count() or 1)
