@@ -34,7 +34,7 @@ def pretrain(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "spec": spec.model_dump(mode="json"),
+            "spec": spec,
             "run_id": run_id,
             "tracking_uri": tracking_uri,
         },

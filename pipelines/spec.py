@@ -10,25 +10,32 @@ import hashlib
 import json
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipelines.params import METHOD_PARAMS, PositiveInt, Problems, Section
 
 BUILTIN_DATASETS = ("digits", "patches", "spiral")
 # Image counts of the built-in datasets: checks that depend on the training set's size
 # (MoCo's queue, PIRL's negatives) must not load data (or torch) here.
 BUILTIN_DATASET_SIZES = {"digits": 1797}  # patches and spiral: their `count` option
-ENCODER_ARCHS = ("small-convnet", "mlp")
+# Encoder archs and the width of their features where encoder.out_dim is left unset. ResNets
+# and ViTs have a fixed width: global pooling before the classifier, and the CLS token.
+ENCODER_WIDTHS = {
+    "small-convnet": 128,
+    "mlp": 128,
+    "resnet18": 512,
+    "resnet50": 2048,
+    "vit-tiny": 192,
+    "vit-small": 384,
+}
+FIXED_WIDTH_ARCHS = ("resnet18", "resnet50", "vit-tiny", "vit-small")
+# Below this side the ResNets' "auto" stem is CIFAR's (3x3 conv, no max-pool), from it on
+# ImageNet's (7x7 stride-2 conv and a max-pool).
+IMAGENET_STEM_FROM = 96
 AUGMENT_PRESETS = ("digits", "simclr", "none")
-OPTIMIZERS = ("sgd", "adam", "adamw")
 # Names shared by the job id, the Ray submission id, the MLflow run and the registered model.
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
@@ -41,187 +48,71 @@ class SpecError(Exception):
         super().__init__("\n".join(f"{field}: {message}" for field, message in problems))
 
 
-class _Section(BaseModel):
-    # Unknown keys are errors: a typo such as `epoch:` must not silently fall back to a default.
-    model_config = ConfigDict(
-        extra="forbid", strict=True, validate_by_name=False, serialize_by_alias=True
-    )
-
-
-PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
-
-
-class SimCLRParams(_Section):
-    name: Literal["simclr"]
-    temperature: PositiveFloat = 0.2
-    projection_dim: PositiveInt = 64
-    hidden_dim: PositiveInt = 256
-
-
-class SiameseParams(_Section):
-    name: Literal["siamese"]
-    # Distances between unit vectors lie in [0, 2]: a larger margin keeps every pair active.
-    margin: Annotated[float, Field(gt=0, le=2)] = 1.0
-    projection_dim: PositiveInt = 64
-    hidden_dim: PositiveInt = 256
-
-
-class MoCoParams(_Section):
-    name: Literal["moco"]
-    # K: a multiple of the global batch, smaller than the training set minus one global batch
-    # (checked in _bank_and_queue_problems, where the batch and the data are known).
-    queue_size: PositiveInt = 1024
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99  # of the key encoder, per step
-    temperature: PositiveFloat = 0.2
-    projection_dim: PositiveInt = 64
-    hidden_dim: PositiveInt = 256
-
-
-class PIRLParams(_Section):
-    name: Literal["pirl"]
-    temperature: PositiveFloat = 0.07
-    num_negatives: PositiveInt = 1024  # drawn from the memory bank each step
-    # Weight kept on a bank entry's old value: m <- normalize(mu * m + (1 - mu) * f(v)).
-    bank_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    # lambda: loss = lambda * L(jigsaw) + (1 - lambda) * L(image)
-    loss_lambda: Annotated[float, Field(ge=0, le=1)] = 0.5
-    projection_dim: PositiveInt = 64
-    hidden_dim: PositiveInt = 256
-
-
-# The regularized latent-variable and energy-based family. Sparse coding's energy is
-# E(y, z) = ||y - W z||^2 + lam * |z|_1 (no 1/2; workers/sparse.py): scikit-learn's alpha is
-# lam / 2. A code's iterations stop when it moves by less than `tol` relative, or at `max_iter`.
-Tolerance = Annotated[float, Field(gt=0, lt=1)]
-IterationCap = Annotated[int, Field(gt=0, le=100_000)]
-Width = Annotated[int, Field(gt=0, le=65_536)]
-
-
-class KMeansParams(_Section):
-    name: Literal["kmeans"]
-    clusters: Annotated[int, Field(ge=2, le=65_536)] = 64  # at most the global batch
-
-
-class PCAParams(_Section):
-    name: Literal["pca"]
-    components: Width = 32  # at most the data's dimension
-
-
-class SparseCodingParams(_Section):
-    name: Literal["sparse_coding"]
-    atoms: Width = 128
-    lam: PositiveFloat = 1.0
-    solver: Literal["fista", "ista"] = "fista"
-    tol: Tolerance = 1e-4
-    max_iter: IterationCap = 300
-
-
-class LISTAParams(_Section):
-    name: Literal["lista"]
-    atoms: Width = 128
-    lam: PositiveFloat = 1.0
-    layers: Annotated[int, Field(gt=0, le=64)] = 5  # T
-    tied: bool = False  # one (B, S, theta) for all layers, or one per layer
-    loss: Literal["code", "energy"] = "code"  # predict the FISTA codes, or minimise E directly
-    momentum: bool = False  # unroll FISTA (a learned momentum per layer) instead of ISTA
-    tol: Tolerance = 1e-4  # of the FISTA that gives the target codes and learns W
-    max_iter: IterationCap = 300
-
-
-class ConvSparseCodingParams(_Section):
-    name: Literal["conv_sparse_coding"]
-    kernels: Annotated[int, Field(gt=0, le=1024)] = 16
-    kernel_size: Annotated[int, Field(ge=1, le=31)] = 5  # odd: maps as large as the image
-    lam: PositiveFloat = 0.5
-    tol: Tolerance = 1e-3
-    max_iter: IterationCap = 100
-    pool: Annotated[int, Field(gt=0, le=16)] = 2  # the encoder pools each map to pool x pool
-
-    @field_validator("kernel_size")
-    @classmethod
-    def _odd(cls, value: int) -> int:
-        if value % 2 == 0:
-            raise ValueError(f"must be odd (got {value}) so that a map is as large as the image")
-        return value
-
-
-class VAEParams(_Section):
-    name: Literal["vae"]
-    latent_dim: Annotated[int, Field(gt=0, le=4096)] = 16
-    beta: Annotated[float, Field(ge=0, le=1000)] = 1.0
-    hidden_dim: PositiveInt = 256  # of the decoder
-
-
-class DAEParams(_Section):
-    name: Literal["dae"]
-    corruption: Literal["noise", "mask"] = "noise"  # "mask": a masked autoencoder
-    noise_std: PositiveFloat = 0.3
-    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    mask_patch: Annotated[int, Field(gt=0, le=64)] = 2  # side of a hidden square, in pixels
-    hidden_dim: PositiveInt = 256  # of the decoder
-
-
-class RBMParams(_Section):
-    name: Literal["rbm"]
-    hidden: Width = 128
-    cd_steps: Annotated[int, Field(gt=0, le=1000)] = 1  # k of CD-k
-    persistent: bool = False  # persistent CD: chains never reset to data
-    chains: Width = 64  # persistent chains per worker
-
-
-class LangevinEBMParams(_Section):
-    name: Literal["ebm_langevin"]
-    langevin_steps: Annotated[int, Field(gt=0, le=1000)] = 20
-    step_size: PositiveFloat = 0.01  # y <- y - step_size * grad F(y) + noise_std * eps
-    noise_std: Annotated[float, Field(ge=0)] = 0.1
-    buffer_size: Annotated[int, Field(gt=0, le=1_000_000)] = 2048  # replay buffer per worker
-    reinit_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05  # negatives started from noise
-    energy_penalty: Annotated[float, Field(ge=0)] = 0.1  # weight of mean F^2
-    energy_limit: PositiveFloat = 1e4  # |F| or |y| beyond it fails the job: diverged
-
-
-MethodParams = Annotated[
-    SimCLRParams
-    | SiameseParams
-    | MoCoParams
-    | PIRLParams
-    | KMeansParams
-    | PCAParams
-    | SparseCodingParams
-    | LISTAParams
-    | ConvSparseCodingParams
-    | VAEParams
-    | DAEParams
-    | RBMParams
-    | LangevinEBMParams,
+# Every method's section, derived from the declarations in pipelines/params.py.
+MethodSection = Annotated[
+    Union[tuple(METHOD_PARAMS.values())],  # noqa: UP007 - a Union built from a tuple
     Field(discriminator="name"),
 ]
 
 
-class EncoderSpec(_Section):
+class EncoderSpec(Section):
     arch: str = "small-convnet"
-    out_dim: PositiveInt = 128
+    out_dim: PositiveInt | None = None  # unset: the arch's own width (ENCODER_WIDTHS)
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"  # ResNets only
+    patch_size: Annotated[int, Field(gt=0, le=64)] | None = None  # ViTs only; unset: side / 8
 
     @model_validator(mode="after")
     def _known_arch(self) -> EncoderSpec:
-        if self.arch not in ENCODER_ARCHS:
+        if self.arch not in ENCODER_WIDTHS:
             raise ValueError(
-                f"unknown encoder.arch {self.arch!r}; known: {', '.join(ENCODER_ARCHS)}"
+                f"unknown encoder.arch {self.arch!r}; known: {', '.join(ENCODER_WIDTHS)}"
             )
+        width = ENCODER_WIDTHS[self.arch]
+        if self.out_dim is None:
+            self.out_dim = width
+        elif self.arch in FIXED_WIDTH_ARCHS and self.out_dim != width:
+            raise ValueError(
+                f"encoder.out_dim {self.out_dim}: {self.arch} features are {width} wide; "
+                "leave out_dim unset"
+            )
+        if self.stem != "auto" and not self.arch.startswith("resnet"):
+            raise ValueError(f"encoder.stem applies to ResNets, not to {self.arch}")
+        if self.patch_size is not None and not self.arch.startswith("vit"):
+            raise ValueError(f"encoder.patch_size applies to ViTs, not to {self.arch}")
         return self
 
+    def config(self, in_channels: int, image_size: int) -> dict[str, Any]:
+        """The backbone's constructor config (``workers.encoders.build_encoder``) for data of
+        ``in_channels`` x ``image_size`` x ``image_size``."""
+        config = {
+            "arch": self.arch,
+            "in_channels": in_channels,
+            "image_size": image_size,
+            "out_dim": self.out_dim,
+        }
+        if self.arch.startswith("resnet"):
+            auto = "imagenet" if image_size >= IMAGENET_STEM_FROM else "cifar"
+            config["stem"] = auto if self.stem == "auto" else self.stem
+        if self.arch.startswith("vit"):
+            config["patch_size"] = self.patch_size or max(1, image_size // 8)
+        return config
 
-class PatchesOptions(_Section):
+
+class PatchesOptions(Section):
     """builtin:patches: grey patches of the photographs bundled with scikit-image/-learn."""
 
     size: Annotated[int, Field(ge=2, le=64)] = 8
     count: Annotated[int, Field(ge=10, le=1_000_000)] = 20_000
     seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
     whiten: bool = False  # ZCA, then unit variance per pixel
+    # 3: colour crops (grey photographs repeated over the channels); 1: grey patches.
+    channels: Literal[1, 3] = 1
+    # Label each patch with the photograph it was cut from (one class per photograph), so
+    # that downstream protocols can score encoders on patches; unlabelled by default.
+    labelled: bool = False
 
 
-class SpiralOptions(_Section):
+class SpiralOptions(Section):
     """builtin:spiral: points on a noisy 2-D spiral in [-1, 1]^2."""
 
     count: Annotated[int, Field(ge=10, le=1_000_000)] = 2_000
@@ -230,10 +121,10 @@ class SpiralOptions(_Section):
 
 
 # The sources that take options, each under its own name in the data section.
-SOURCE_OPTIONS: dict[str, type[_Section]] = {"patches": PatchesOptions, "spiral": SpiralOptions}
+SOURCE_OPTIONS: dict[str, type[Section]] = {"patches": PatchesOptions, "spiral": SpiralOptions}
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     source: str = "builtin:digits"
     # Held out for evaluation, never seen by pretraining; the split is stratified (when the
     # data has labels) and seeded.
@@ -281,12 +172,22 @@ class DataSpec(_Section):
         return self.options.get("count", BUILTIN_DATASET_SIZES.get(self.dataset, 0))
 
     @property
+    def image_size(self) -> int:
+        """The side of one image (1 for vectors, which count as 1x1 images)."""
+        return {"digits": 8, "spiral": 1}.get(self.dataset) or self.options["size"]
+
+    @property
+    def channels(self) -> int:
+        """Channels of one image (a vector's length for vectors)."""
+        return {"digits": 1, "spiral": 2}.get(self.dataset) or self.options["channels"]
+
+    @property
     def sample_dim(self) -> int:
         """The length of one flattened sample."""
-        return {"digits": 64, "spiral": 2}.get(self.dataset) or self.options["size"] ** 2
+        return self.channels * self.image_size**2
 
 
-class AugmentSpec(_Section):
+class AugmentSpec(Section):
     preset: str = "digits"
 
     @model_validator(mode="after")
@@ -298,18 +199,23 @@ class AugmentSpec(_Section):
         return self
 
 
-class TrainSpec(_Section):
+class TrainSpec(Section):
     epochs: Annotated[int, Field(gt=0, le=10_000)] = 30
     batch_size: Annotated[int, Field(gt=1, le=65_536)] = 256
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    optimizer: Literal["sgd", "adam", "adamw", "lars"] = "adam"
     lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-6
     warmup_epochs: Annotated[int, Field(ge=0)] = 0
     seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
     log_every_steps: PositiveInt = 5
+    # Autocast to bf16 or fp16 (fp16 with a gradient scaler); weights and optimizer stay fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False  # NHWC memory layout for convolutional encoders
+    compile: bool = False  # torch.compile the encoder
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch
 
 
-class ResourcesSpec(_Section):
+class ResourcesSpec(Section):
     workers: Annotated[int, Field(gt=0, le=1024)] = 2
     cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0, le=16)] = 0.0
@@ -319,7 +225,7 @@ LabelFraction = Annotated[float, Field(gt=0, lt=1)]
 EvaluationSeed = Annotated[int, Field(ge=0, lt=2**31)]
 
 
-class EvaluateSpec(_Section):
+class EvaluateSpec(Section):
     """Which downstream protocols run on the held-out split (all on frozen features except
     semi-supervised fine-tuning), and the baselines beside them on the same split."""
 
@@ -344,14 +250,14 @@ class EvaluateSpec(_Section):
         return values
 
 
-class RegisterSpec(_Section):
+class RegisterSpec(Section):
     model: Annotated[str, Field(pattern=_NAME_PATTERN)]
     alias: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")] = "candidate"
 
 
-class JobSpec(_Section):
+class JobSpec(Section):
     name: Annotated[str, Field(pattern=_NAME_PATTERN)]
-    method: MethodParams
+    method: MethodSection
     encoder: EncoderSpec = EncoderSpec()
     data: DataSpec = DataSpec()
     augment: AugmentSpec = AugmentSpec()
@@ -393,8 +299,8 @@ class JobSpec(_Section):
         return flat
 
 
-def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
+def _cross_field_problems(spec: JobSpec) -> Problems:
+    problems: Problems = []
     if spec.train.batch_size % spec.resources.workers:
         problems.append(
             (
@@ -407,69 +313,46 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(("train.batch_size", "each worker needs at least 2 samples per step"))
     if spec.train.warmup_epochs >= spec.train.epochs and spec.train.warmup_epochs:
         problems.append(("train.warmup_epochs", "must be smaller than train.epochs"))
-    problems += _bank_and_queue_problems(spec)
-    problems += _latent_problems(spec)
-    problems += _vector_problems(spec)
-    return problems
+    vectors = _vector_problems(spec)
+    return problems + vectors + _encoder_problems(spec, bool(vectors)) + spec.method.problems(spec)
 
 
-def _latent_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """What the latent-variable and energy-based methods need of the data and the batch."""
-    method, data = spec.method, spec.data
-    vectors = data.dataset == "spiral"
-    whitened = data.patches is not None and data.patches.whiten
-    problems: list[tuple[str, str]] = []
-    if isinstance(method, KMeansParams) and method.clusters > spec.train.batch_size:
-        problems.append(
+def _encoder_problems(spec: JobSpec, on_vectors: bool) -> Problems:
+    """The encoder against the method and the images: an arch the method cannot train, a ViT
+    patch that does not tile the image."""
+    method, encoder = spec.method, spec.encoder
+    if method.encoder_archs and encoder.arch not in method.encoder_archs:
+        known = ", ".join(method.encoder_archs)
+        return [("encoder.arch", f"{method.name} trains {known}, not {encoder.arch!r}")]
+    if on_vectors or not method.trains_encoder or not encoder.arch.startswith("vit"):
+        return []
+    side, patch = spec.data.image_size, encoder.config(spec.data.channels, spec.data.image_size)
+    if side % patch["patch_size"]:
+        return [
             (
-                "method.clusters",
-                f"{method.clusters} exceeds train.batch_size ({spec.train.batch_size}): the "
-                "prototypes start as the first global batch's samples",
+                "encoder.patch_size",
+                f"{patch['patch_size']} does not divide the {side}-pixel images of "
+                f"{spec.data.source}",
             )
-        )
-    if isinstance(method, PCAParams) and method.components > data.sample_dim:
-        problems.append(
-            (
-                "method.components",
-                f"{method.components} exceeds the {data.sample_dim} dimensions of {data.source}",
-            )
-        )
-    if isinstance(method, RBMParams) and (vectors or whitened):
-        problems.append(
-            (
-                "data.source",
-                "rbm needs data in [0, 1]: unwhitened images, not vectors or whitened patches",
-            )
-        )
-    return problems
+        ]
+    return []
 
 
-# Methods that cut or convolve images, whatever the encoder: why, for the error message.
-_IMAGE_METHODS = {
-    "pirl": "its jigsaw cuts each image into a 3x3 grid of patches",
-    "conv_sparse_coding": "its kernels are convolved over the image",
-}
-# Methods that train on augmented views (every augmentation preset but "none" transforms
-# images) and methods whose spec encoder is never built (they learn a dictionary instead).
-_VIEW_METHODS = SimCLRParams | SiameseParams | MoCoParams | PIRLParams
-_NO_BACKBONE_METHODS = KMeansParams | PCAParams | SparseCodingParams | LISTAParams
-
-
-def _vector_problems(spec: JobSpec) -> list[tuple[str, str]]:
+def _vector_problems(spec: JobSpec) -> Problems:
     """What cannot run on 2-D points (builtin:spiral): image-only methods, convolutional
     encoders and image augmentations. A method that needs images gets that one message only,
     since no encoder or preset would make it run."""
     if spec.data.dataset != "spiral":
         return []
-    name, points = spec.method.name, f"{spec.data.source} holds 2-D points, not images"
-    if name in _IMAGE_METHODS:
-        return [("data.source", f"{name} needs images ({_IMAGE_METHODS[name]}): {points}")]
-    problems: list[tuple[str, str]] = []
-    if spec.encoder.arch != "mlp" and not isinstance(spec.method, _NO_BACKBONE_METHODS):
+    method, points = spec.method, f"{spec.data.source} holds 2-D points, not images"
+    if method.needs_images:
+        return [("data.source", f"{method.name} needs images ({method.needs_images}): {points}")]
+    problems: Problems = []
+    if spec.encoder.arch != "mlp" and method.trains_encoder:
         problems.append(
-            ("encoder.arch", f"{spec.encoder.arch!r} is convolutional: {points}; use mlp")
+            ("encoder.arch", f"{spec.encoder.arch!r} is made for images: {points}; use mlp")
         )
-    if spec.augment.preset != "none" and isinstance(spec.method, _VIEW_METHODS):
+    if spec.augment.preset != "none" and method.trains_on_views:
         problems.append(
             (
                 "augment.preset",
@@ -486,51 +369,11 @@ def train_size(data: DataSpec) -> int:
     return total - math.ceil(data.test_fraction * total)
 
 
-def _bank_and_queue_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """MoCo's queue and PIRL's negatives against the global batch and the training set."""
-    method, batch = spec.method, spec.train.batch_size
-    if not isinstance(method, MoCoParams | PIRLParams):
-        return []
-    images = train_size(spec.data)
-    problems: list[tuple[str, str]] = []
-    if isinstance(method, MoCoParams):
-        if method.queue_size % batch:
-            problems.append(
-                (
-                    "method.queue_size",
-                    f"{method.queue_size} is not a multiple of the global batch "
-                    f"(train.batch_size {batch}): the queue takes the global batch's keys at "
-                    "each step and must wrap around on a batch boundary",
-                )
-            )
-        if method.queue_size >= images - batch:
-            problems.append(
-                (
-                    "method.queue_size",
-                    f"{method.queue_size} must be smaller than the {images} training images of "
-                    f"{spec.data.source} minus one global batch ({batch}), i.e. below "
-                    f"{images - batch}: a larger queue holds keys of the very images whose "
-                    "queries it is meant to contrast against",
-                )
-            )
-    if isinstance(method, PIRLParams) and method.num_negatives >= images:
-        problems.append(
-            (
-                "method.num_negatives",
-                f"{method.num_negatives} must be smaller than the memory bank, which has one "
-                f"entry per training image ({images} in {spec.data.source})",
-            )
-        )
-    return problems
-
-
 def _field_path(location: tuple[int | str, ...]) -> str:
     # Pydantic puts the discriminator's tag into the location (method.simclr.temperature):
     # drop it so the path is the one the user wrote.
     parts = [str(part) for part in location]
-    tags = {"simclr", "siamese", "moco", "pirl", "kmeans", "pca", "sparse_coding", "lista"}
-    tags |= {"conv_sparse_coding", "vae", "dae", "rbm", "ebm_langevin"}
-    if len(parts) >= 2 and parts[0] == "method" and parts[1] in tags:
+    if len(parts) >= 2 and parts[0] == "method" and parts[1] in METHOD_PARAMS:
         parts.pop(1)
     return ".".join(parts) or "(spec)"
 

@@ -3,7 +3,8 @@
 Built-in sources ship with installed packages; nothing is downloaded:
 - ``builtin:digits``: scikit-learn's 8x8 digits, labelled.
 - ``builtin:patches``: random square patches of the natural photographs bundled with
-  scikit-image and scikit-learn, grey, optionally whitened; unlabelled.
+  scikit-image and scikit-learn, grey or colour, optionally whitened; unlabelled, or labelled
+  with the photograph each patch came from.
 - ``builtin:spiral``: points on a noisy 2-D spiral, as vectors; unlabelled.
 """
 
@@ -52,9 +53,11 @@ def _digits() -> SampleDataset:
     return SampleDataset(samples=images, labels=torch.from_numpy(bunch.target.astype(np.int64)))
 
 
-def natural_images() -> list[np.ndarray]:
-    """The bundled natural photographs as grey float64 arrays in [0, 1]: scikit-image's
-    (those that need no download) and scikit-learn's two sample images."""
+def natural_images(colour: bool = False) -> list[np.ndarray]:
+    """The bundled natural photographs as float64 arrays in [0, 1], always in this order:
+    scikit-image's (those that need no download) and scikit-learn's two sample images. Grey
+    (H, W) by default; with ``colour``, RGB (H, W, 3), the grey ``camera`` repeated over the
+    three channels."""
     import skimage.data
     from skimage.color import rgb2gray
     from sklearn.datasets import load_sample_images
@@ -62,6 +65,9 @@ def natural_images() -> list[np.ndarray]:
     names = ("astronaut", "camera", "chelsea", "coffee", "rocket")
     pictures = [getattr(skimage.data, name)() for name in names]
     pictures += list(load_sample_images().images)
+    if colour:
+        rgb = [p if p.ndim == 3 else np.repeat(p[..., None], 3, axis=2) for p in pictures]
+        return [np.asarray(p, dtype=np.float64) / 255.0 for p in rgb]
     grey = [rgb2gray(p) if p.ndim == 3 else p / 255.0 for p in pictures]
     return [np.asarray(g, dtype=np.float64) for g in grey]
 
@@ -81,12 +87,24 @@ def zca_whiten(patches: np.ndarray, epsilon: float) -> np.ndarray:
 
 
 def _patches(
-    size: int = 8, count: int = 20000, seed: int = 0, whiten: bool = False
+    size: int = 8,
+    count: int = 20000,
+    seed: int = 0,
+    whiten: bool = False,
+    channels: int = 1,
+    labelled: bool = False,
 ) -> SampleDataset:
     """``count`` patches of ``size`` x ``size``, spread evenly over the photographs, at
-    positions drawn from ``seed``. Whitened patches are rescaled to unit variance per pixel."""
+    positions drawn from ``seed``: samples (count, channels, size, size), grey for
+    ``channels`` 1, RGB for 3. The positions depend on ``seed`` only, so patch i of a colour
+    set is patch i of the grey set in colour. Whitening is ZCA over the flattened
+    channels * size * size vector, then a rescale to unit variance per pixel. ``labelled``:
+    labels (count,) int64, the index of the photograph each patch was cut from (one class per
+    photograph); otherwise None."""
+    if channels not in (1, 3):
+        raise ValueError(f"patches have 1 (grey) or 3 (RGB) channels, not {channels}")
     rng = np.random.default_rng(seed)
-    pictures = natural_images()
+    pictures = natural_images(colour=channels == 3)
     per_picture = [
         count // len(pictures) + (i < count % len(pictures)) for i in range(len(pictures))
     ]
@@ -95,12 +113,17 @@ def _patches(
         rows = rng.integers(0, picture.shape[0] - size + 1, number)
         cols = rng.integers(0, picture.shape[1] - size + 1, number)
         patches += [picture[r : r + size, c : c + size] for r, c in zip(rows, cols, strict=True)]
-    flat = np.stack(patches).reshape(count, size * size)
+    stacked = np.stack(patches)  # (count, size, size), or (count, size, size, 3) in colour
+    if channels == 3:
+        stacked = np.moveaxis(stacked, -1, 1)  # channels first, as torch lays images out
+    flat = stacked.reshape(count, channels * size * size)
     if whiten:
         flat = zca_whiten(flat, epsilon=1.0)
         flat = flat / flat.std()
-    samples = torch.from_numpy(flat.astype(np.float32)).view(count, 1, size, size)
-    return SampleDataset(samples=samples, labels=None)
+    samples = torch.from_numpy(flat.astype(np.float32)).view(count, channels, size, size)
+    # Patches are stacked photograph by photograph, so the labels are runs of each index.
+    photograph = np.repeat(np.arange(len(pictures), dtype=np.int64), per_picture)
+    return SampleDataset(samples=samples, labels=torch.from_numpy(photograph) if labelled else None)
 
 
 def _spiral(count: int = 2000, noise: float = 0.02, seed: int = 0) -> SampleDataset:

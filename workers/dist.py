@@ -67,3 +67,28 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     reduced = value.detach().clone()
     torch_dist.all_reduce(reduced)
     return reduced / world_size()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """all_reduce(SUM) whose backward all-reduces the incoming gradients: every rank's loss
+    depends on the sum, so the gradient of the sum with respect to rank r's addend is the
+    sum over ranks of the gradients that reached the sum."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        reduced = tensor.clone()
+        torch_dist.all_reduce(reduced)
+        return reduced
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        reduced = grad.clone()
+        torch_dist.all_reduce(reduced)
+        return reduced
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over ranks, differentiable (the identity in one process)."""
+    if world_size() == 1:
+        return tensor
+    return _AllReduceSum.apply(tensor)

@@ -106,4 +106,4 @@ def backbone_config(arch: str, in_channels: int, image_size: int, out_dim: int) 
 
 # Archs that methods define in their own modules register when imported; importing them here
 # lets any stored encoder load through this module alone. At the bottom: they import from it.
-from workers import latent_encoders  # noqa: E402, F401
+from workers import latent_encoders, resnet, vit  # noqa: E402, F401

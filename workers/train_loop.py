@@ -3,7 +3,6 @@ step under DDP, a checkpoint every epoch, and (rank 0 only) metrics to MLflow.""
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -15,12 +14,13 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from pipelines.spec import JobSpec
 from workers import dist
-from workers.augment import build_augment
+from workers.collapse import embedding_health
 from workers.data import load_data_section, split_dataset
-from workers.encoders import backbone_config, build_encoder
 from workers.export import save_encoder
-from workers.methods import Batch, Method, build_method
+from workers.methods import Method
+from workers.step import Training, build_training
 from workers.tracking import RunLogger
 
 STATE_FILE = "state.pt"
@@ -29,36 +29,16 @@ REFERENCE_FILE = "reference.safetensors"
 # How many held-out images the final checkpoint keeps with their features, so that a loaded
 # encoder can be checked against the one that finished training.
 REFERENCE_IMAGES = 32
-# Training samples handed to Method.figures at the end of training.
+# Training samples handed to Method.figures at the end of training, and embedded each epoch
+# for the collapse statistics.
 FIGURE_SAMPLES = 512
 
 
-def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up, then cosine decay to zero, per optimizer step."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _optimizer(train: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
-    # One group even when it is empty: closed-form methods (k-means, PCA) have nothing to step.
-    params, lr, decay = [{"params": list(model.parameters())}], train["lr"], train["weight_decay"]
-    if train["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=decay)
-    if train["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=decay)
-
-
 def _save_checkpoint(
-    directory: Path,
-    method: Method,
-    state: dict[str, Any],
-    reference_images: torch.Tensor | None,
+    directory: Path, training: Training, epoch: int, reference_images: torch.Tensor | None
 ) -> None:
-    torch.save({"method": method.state_dict(), **state}, directory / STATE_FILE)
-    encoder = method.encoder()
+    torch.save({**training.state_dict(), "epoch": epoch}, directory / STATE_FILE)
+    encoder = training.method.encoder()
     save_encoder(directory / ENCODER_DIR, encoder)
     if reference_images is not None:
         was_training = encoder.training
@@ -76,144 +56,129 @@ def _save_checkpoint(
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    spec, train = config["spec"], config["spec"]["train"]
+    """``config``: the job's ``spec`` (a JobSpec), its MLflow ``run_id`` and ``tracking_uri``."""
+    spec: JobSpec = config["spec"]
+    train = spec.train
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(train["seed"])  # identical initial weights on every rank
 
-    dataset = load_data_section(spec["data"])
-    split = split_dataset(dataset, spec["data"]["test_fraction"], spec["data"]["split_seed"])
+    dataset = load_data_section(spec.data.model_dump(mode="json"))
+    split = split_dataset(dataset, spec.data.test_fraction, spec.data.split_seed)
     train_images = dataset.images[split.train]
     shard = DistributedSampler(
         TensorDataset(train_images),
         num_replicas=world,
         rank=rank,
         shuffle=True,
-        seed=train["seed"],
+        seed=train.seed,
         drop_last=True,
     )
     # Every step needs equal-sized batches on all ranks (the global negatives are gathered).
     loader = DataLoader(
         TensorDataset(train_images, torch.arange(len(train_images))),
-        batch_size=train["batch_size"] // world,
+        batch_size=train.batch_size // world,
         sampler=shard,
         drop_last=True,
     )
     if len(loader) == 0:
         raise ValueError(
-            f"train.batch_size {train['batch_size']} is larger than the {len(train_images)} "
+            f"train.batch_size {train.batch_size} is larger than the {len(train_images)} "
             "training images: no full batch can be formed"
         )
 
-    encoder_config = backbone_config(
-        spec["encoder"]["arch"], dataset.in_channels, dataset.image_size, spec["encoder"]["out_dim"]
-    )
-    method = build_method(
-        spec["method"], build_encoder(encoder_config), encoder_config["out_dim"], len(train_images)
-    )
-    # Closed-form methods learn inside forward from statistics summed over ranks: without a
-    # trainable parameter there is nothing for DDP to synchronise.
-    trainable = any(parameter.requires_grad for parameter in method.parameters())
-    model = ray.train.torch.prepare_model(method, parallel_strategy="ddp" if trainable else None)
-    optimizer = _optimizer(train, model)
-    total_steps = train["epochs"] * len(loader)
-    warmup_steps = train["warmup_epochs"] * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, warmup_steps, total_steps)
-    )
-    augment = build_augment(spec["augment"]["preset"], dataset.image_size, train["seed"], rank)
+    def prepare(method: Method) -> torch.nn.Module:
+        # Closed-form methods learn inside forward from statistics summed over ranks: without
+        # a trainable parameter there is nothing for DDP to synchronise.
+        trainable = any(parameter.requires_grad for parameter in method.parameters())
+        return ray.train.torch.prepare_model(method, parallel_strategy="ddp" if trainable else None)
 
-    start_epoch, global_step = 0, 0
+    training = build_training(
+        spec,
+        (dataset.in_channels, dataset.image_size),
+        len(train_images),
+        len(loader),
+        device,
+        rank,
+        prepare,
+    )
+
+    start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        training.load_state_dict(state)
+        start_epoch = state["epoch"] + 1
 
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if logger and checkpoint:
-        logger.log({"train.resumed_from_epoch": start_epoch - 1}, step=global_step)
+        logger.log({"train.resumed_from_epoch": start_epoch - 1}, step=training.step)
     reference_images = dataset.images[split.test[:REFERENCE_IMAGES]].to(device)
-    if checkpoint and start_epoch >= train["epochs"]:
+    sample = train_images[:FIGURE_SAMPLES].to(device)
+    if checkpoint and start_epoch >= train.epochs:
         # An earlier attempt finished training but not the job: hand its final checkpoint on.
         ray.train.report(
-            {"epoch": start_epoch - 1, "step": global_step},
+            {"epoch": start_epoch - 1, "step": training.step},
             checkpoint=checkpoint if rank == 0 else None,
         )
         return
 
-    for epoch in range(start_epoch, train["epochs"]):
+    for epoch in range(start_epoch, train.epochs):
         shard.set_epoch(epoch)
-        model.train()
+        training.model.train()
         epoch_start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         for images, indices in loader:
-            batch = Batch(
-                images.to(device), indices.to(device), global_step, augment, train["seed"]
-            )
-            outputs = model(batch)
-            loss = outputs["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {global_step}: diverged")
-            optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-            optimizer.step()
-            scheduler.step()
-            method.after_optimizer_step()
-            global_step += 1
-            loss_sum += loss.detach()
-            if logger and global_step % train["log_every_steps"] == 0:
-                extra = {
-                    f"train.{key}": value.item() for key, value in outputs.items() if key != "loss"
-                }
+            outputs = training.train_step(images.to(device), indices.to(device))
+            loss_sum += outputs["loss"].detach().float()
+            if logger and training.step % train.log_every_steps == 0:
                 logger.log(
                     {
-                        "train.loss": loss.item(),
-                        "train.lr": scheduler.get_last_lr()[0],
-                        "train.step": global_step,
-                        **extra,
+                        **{f"train.{key}": value.item() for key, value in outputs.items()},
+                        "train.lr": training.scheduler.get_last_lr()[0],
+                        "train.step": training.step,
                     },
-                    step=global_step,
+                    step=training.step,
                 )
         elapsed = time.perf_counter() - epoch_start
         epoch_loss = dist.all_reduce_mean(loss_sum / len(loader)).item()
         metrics = {
             "epoch": epoch,
-            "step": global_step,
+            "step": training.step,
             "loss": epoch_loss,
-            "samples_per_sec": len(loader) * train["batch_size"] / elapsed,
+            "samples_per_sec": len(loader) * train.batch_size / elapsed,
         }
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "global_step": global_step,
-        }
-        last = epoch == train["epochs"] - 1
+        last = epoch == train.epochs - 1
         with tempfile.TemporaryDirectory() as directory:
             report_checkpoint = None
             if rank == 0:
                 _save_checkpoint(
-                    Path(directory),
-                    method,
-                    state,
-                    reference_images if last else None,
+                    Path(directory), training, epoch, reference_images if last else None
                 )
                 report_checkpoint = ray.train.Checkpoint.from_directory(directory)
+                health = _embedding_health(training.method, sample)
                 logger.log(
                     {
                         "train.epoch": epoch,
                         "train.epoch_loss": epoch_loss,
                         "train.samples_per_sec": metrics["samples_per_sec"],
+                        **{f"collapse.{key}": value for key, value in health.items()},
                     },
-                    step=global_step,
+                    step=training.step,
                 )
             ray.train.report(metrics, checkpoint=report_checkpoint)
     if logger:
-        _log_figures(logger, method, train_images[:FIGURE_SAMPLES].to(device))
+        _log_figures(logger, training.method, sample)
+
+
+def _embedding_health(method: Method, sample: torch.Tensor) -> dict[str, float]:
+    """Collapse statistics of the encoder's features of a fixed sample of training data."""
+    encoder = method.encoder()
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        health = embedding_health(encoder(sample))
+    encoder.train(was_training)
+    return health
 
 
 def _log_figures(logger: RunLogger, method: Method, data: torch.Tensor) -> None:

@@ -1,20 +1,12 @@
-"""Self-supervised methods, one file each, registered by the name a spec uses."""
+"""Self-supervised methods, one file each, registered by the name a spec uses. Importing the
+package imports every module in it, so a new method's file is all it takes."""
 
-from workers.methods import (  # noqa: F401  (each module registers its method)
-    conv_sparse_coding,
-    dae,
-    ebm_langevin,
-    kmeans,
-    lista,
-    moco,
-    pca,
-    pirl,
-    rbm,
-    siamese,
-    simclr,
-    sparse_coding,
-    vae,
-)
-from workers.methods.base import METHODS, Batch, Method, build_method
+import importlib
+import pkgutil
 
-__all__ = ["METHODS", "Batch", "Method", "build_method"]
+from workers.methods.base import METHODS, Batch, Method, MethodContext, build_method
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["METHODS", "Batch", "Method", "MethodContext", "build_method"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipelines.params import MethodParams
 from workers import dist
 from workers.augment import Augment
 
@@ -41,6 +42,9 @@ class Batch:
 class Method(nn.Module):
     """A self-supervised method: owns its networks and state, trains through ``forward``.
 
+    Its constructor takes ``(params, context)``: its own typed spec section (a class of
+    ``pipelines.params``) and the ``MethodContext`` it is built around.
+
     ``forward`` is the training step so that DDP sees it and synchronises gradients.
     All state a resumed run needs (queues, banks, momentum encoders) lives in registered
     buffers and submodules, so ``state_dict`` covers it.
@@ -67,31 +71,37 @@ class Method(nn.Module):
         return {}
 
 
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method is built around, besides its spec parameters."""
+
+    backbone: nn.Module  # built from the spec's encoder section by workers.encoders
+    feature_dim: int  # the backbone's output width
+    num_samples: int  # the training set's size, for per-sample state such as a memory bank
+    total_steps: int = 1  # optimizer steps of the whole run, for per-step schedules
+
+
 METHODS: dict[str, type[Method]] = {}
 
 
-def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+def register_method(
+    params: type[MethodParams],
+) -> Callable[[type[Method]], type[Method]]:
+    """Register a method class as the worker side of the spec section ``params``, whose
+    ``name`` it takes."""
+
     def register(cls: type[Method]) -> type[Method]:
-        cls.name = name
-        METHODS[name] = cls
+        (cls.name,) = get_args(params.model_fields["name"].annotation)
+        METHODS[cls.name] = cls
         return cls
 
     return register
 
 
-def build_method(
-    params: dict[str, Any], backbone: nn.Module, feature_dim: int, num_samples: int
-) -> Method:
-    """Build the method named by ``params["name"]`` around ``backbone``.
-
-    Every method's constructor takes ``backbone``, ``feature_dim`` (the backbone's output
-    width) and ``num_samples`` (the training set's size, for per-sample state such as a
-    memory bank), then its own spec parameters as keywords."""
-    options = {key: value for key, value in params.items() if key != "name"}
+def build_method(params: MethodParams, context: MethodContext) -> Method:
+    """Build the method that the spec section ``params`` names: ``cls(params, context)``."""
     try:
-        cls = METHODS[params["name"]]
+        cls = METHODS[params.name]
     except KeyError:
-        raise ValueError(
-            f"unknown method {params['name']!r}; known: {', '.join(METHODS)}"
-        ) from None
-    return cls(backbone=backbone, feature_dim=feature_dim, num_samples=num_samples, **options)
+        raise ValueError(f"unknown method {params.name!r}; known: {', '.join(METHODS)}") from None
+    return cls(params, context)

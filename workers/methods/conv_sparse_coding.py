@@ -8,45 +8,35 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.params import ConvSparseCodingParams
 from workers import sparse
 from workers.encoders import build_encoder
 from workers.figures import tile_grid
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 
 
-@register_method("conv_sparse_coding")
+@register_method(ConvSparseCodingParams)
 class ConvSparseCoding(Method):
     """As sparse coding, with convolutions for the dictionary: convolutional FISTA for the
     maps z* (L from power iteration on the convolution operator), a gradient step on the
     kernels with z* fixed (averaged over ranks by DDP), then every kernel back to unit norm.
     On natural images the kernels become centre-surround and oriented edge filters."""
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        kernels: int,
-        kernel_size: int,
-        lam: float,
-        tol: float,
-        max_iter: int,
-        pool: int,
-    ) -> None:
+    def __init__(self, params: ConvSparseCodingParams, context: MethodContext) -> None:
         super().__init__()
-        if backbone.config["image_size"] == 1:
+        if context.backbone.config["image_size"] == 1:
             raise ValueError("conv_sparse_coding needs images, not vectors")
-        self.lam = lam
+        self.lam = params.lam
         self.coder = build_encoder(
             {
                 "arch": "conv-sparse-coder",
-                "in_channels": backbone.config["in_channels"],
-                "kernels": kernels,
-                "kernel_size": kernel_size,
-                "lam": lam,
-                "tol": tol,
-                "max_iter": max_iter,
-                "pool": pool,
+                "in_channels": context.backbone.config["in_channels"],
+                "kernels": params.kernels,
+                "kernel_size": params.kernel_size,
+                "lam": params.lam,
+                "tol": params.tol,
+                "max_iter": params.max_iter,
+                "pool": params.pool,
             }
         )
 

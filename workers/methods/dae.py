@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.params import DAEParams
 from workers.encoders import MLP
 from workers.figures import energy_landscape, is_plane, stacked_grid
 from workers.latent_encoders import flat_dim, sample_shape
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 
 
 def corrupt(
@@ -37,27 +38,24 @@ def corrupt(
     return y * keep[..., :height, :width]
 
 
-@register_method("dae")
+@register_method(DAEParams)
 class DAE(Method):
     """loss = mean_y ||y - dec(enc(corrupt(y)))||^2; enc is the spec's backbone (the encoder
     stored), dec an MLP back to the sample's shape."""
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        corruption: str,
-        noise_std: float,
-        mask_ratio: float,
-        mask_patch: int,
-        hidden_dim: int,
-    ) -> None:
+    def __init__(self, params: DAEParams, context: MethodContext) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.decoder = MLP(feature_dim, 1, flat_dim(backbone.config), hidden_dim)
-        self.shape = sample_shape(backbone.config)
-        self.corruption = (corruption, noise_std, mask_ratio, mask_patch)
+        self.backbone = context.backbone
+        self.decoder = MLP(
+            context.feature_dim, 1, flat_dim(context.backbone.config), params.hidden_dim
+        )
+        self.shape = sample_shape(context.backbone.config)
+        self.corruption = (
+            params.corruption,
+            params.noise_std,
+            params.mask_ratio,
+            params.mask_patch,
+        )
 
     def reconstruct(self, y: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.backbone(y)).view(-1, *self.shape)

@@ -7,10 +7,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.params import LangevinEBMParams
 from workers import dist
 from workers.figures import energy_landscape, is_plane, tile_grid
 from workers.latent_encoders import sample_shape
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 from workers.rank_state import RankSlices
 
 
@@ -23,7 +24,7 @@ def contrastive_energy_loss(
     return contrast + penalty * (data_energy.pow(2).mean() + negative_energy.pow(2).mean())
 
 
-@register_method("ebm_langevin")
+@register_method(LangevinEBMParams)
 class LangevinEBM(Method):
     """Negatives start from a replay buffer of earlier negatives (each one replaced by fresh
     uniform noise on [-1, 1] with probability ``reinit_fraction``) and follow ``langevin_steps``
@@ -32,27 +33,15 @@ class LangevinEBM(Method):
     [-energy_limit, energy_limit] or stops being finite, the job fails with the reason instead
     of writing NaNs."""
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        langevin_steps: int,
-        step_size: float,
-        noise_std: float,
-        buffer_size: int,
-        reinit_fraction: float,
-        energy_penalty: float,
-        energy_limit: float,
-    ) -> None:
+    def __init__(self, params: LangevinEBMParams, context: MethodContext) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(feature_dim, 1)
-        self.langevin = (langevin_steps, step_size, noise_std)
-        self.reinit_fraction, self.energy_penalty = reinit_fraction, energy_penalty
-        self.energy_limit = energy_limit
-        shape = (dist.world_size() * buffer_size, *sample_shape(backbone.config))
-        self.buffer = RankSlices(buffer_size, 2 * torch.rand(shape) - 1)
+        self.backbone = context.backbone
+        self.head = nn.Linear(context.feature_dim, 1)
+        self.langevin = (params.langevin_steps, params.step_size, params.noise_std)
+        self.reinit_fraction, self.energy_penalty = params.reinit_fraction, params.energy_penalty
+        self.energy_limit = params.energy_limit
+        shape = (dist.world_size() * params.buffer_size, *sample_shape(context.backbone.config))
+        self.buffer = RankSlices(params.buffer_size, 2 * torch.rand(shape) - 1)
 
     def energy(self, y: torch.Tensor) -> torch.Tensor:
         """F(y), per sample: (n, ...) -> (n,)."""

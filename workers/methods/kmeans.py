@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.params import KMeansParams
 from workers import dist
 from workers.encoders import build_encoder
 from workers.figures import energy_landscape, is_plane, tile_grid
 from workers.latent_encoders import flat_dim
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 from workers.rank_state import global_sum
 
 
-@register_method("kmeans")
+@register_method(KMeansParams)
 class KMeans(Method):
     """Mini-batch k-means (Sculley 2010), learned without gradients.
 
@@ -31,17 +32,15 @@ class KMeans(Method):
     global batch's first K samples, which the shuffled sampler makes a random draw.
     """
 
-    def __init__(
-        self, backbone: nn.Module, feature_dim: int, num_samples: int, clusters: int
-    ) -> None:
+    def __init__(self, params: KMeansParams, context: MethodContext) -> None:
         super().__init__()
         config = {
             "arch": "prototypes",
-            "input_dim": flat_dim(backbone.config),
-            "clusters": clusters,
+            "input_dim": flat_dim(context.backbone.config),
+            "clusters": params.clusters,
         }
         self.coder = build_encoder(config)
-        self.register_buffer("counts", torch.zeros(clusters))  # N_k
+        self.register_buffer("counts", torch.zeros(params.clusters))  # N_k
         self.register_buffer("started", torch.tensor(False))
 
     @torch.no_grad()

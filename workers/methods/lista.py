@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipelines.params import LISTAParams, SparseCodingParams
 from workers import sparse
 from workers.encoders import build_encoder
 from workers.latent_encoders import flat_dim
-from workers.methods.base import Batch, register_method
+from workers.methods.base import Batch, MethodContext, register_method
 from workers.methods.sparse_coding import SparseCoding
 
 
@@ -18,7 +19,7 @@ def code_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (predicted - target).pow(2).sum(1).mean()
 
 
-@register_method("lista")
+@register_method(LISTAParams)
 class LISTAMethod(SparseCoding):
     """The dictionary W is learned exactly as in sparse coding (FISTA codes z*, gradient step,
     unit columns), and at the same time LISTA f, started as ``layers`` ISTA steps on the
@@ -33,34 +34,30 @@ class LISTAMethod(SparseCoding):
     parameters, so each gets exactly its own gradient.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        atoms: int,
-        lam: float,
-        layers: int,
-        tied: bool,
-        loss: str,
-        tol: float,
-        max_iter: int,
-        momentum: bool = False,
-    ) -> None:
-        super().__init__(backbone, feature_dim, num_samples, atoms, lam, "fista", tol, max_iter)
-        self.loss = loss
+    def __init__(self, params: LISTAParams, context: MethodContext) -> None:
+        # W and its FISTA codes are learned exactly as sparse coding learns them.
+        dictionary = SparseCodingParams(
+            name="sparse_coding",
+            atoms=params.atoms,
+            lam=params.lam,
+            tol=params.tol,
+            max_iter=params.max_iter,
+            solver="fista",
+        )
+        super().__init__(dictionary, context)
+        self.loss = params.loss
         self.network = build_encoder(
             {
                 "arch": "lista",
-                "input_dim": flat_dim(backbone.config),
-                "atoms": atoms,
-                "layers": layers,
-                "tied": tied,
-                "lam": lam,
-                "momentum": momentum,
+                "input_dim": flat_dim(context.backbone.config),
+                "atoms": params.atoms,
+                "layers": params.layers,
+                "tied": params.tied,
+                "lam": params.lam,
+                "momentum": params.momentum,
             }
         )
-        self.network.start_from_ista(self.coder.dictionary.detach(), lam)
+        self.network.start_from_ista(self.coder.dictionary.detach(), params.lam)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         y = batch.images.flatten(1)

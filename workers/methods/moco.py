@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipelines.params import MoCoParams
 from workers import dist
 from workers.losses import info_nce_loss
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 from workers.methods.simclr import projection_head
 
 
@@ -47,29 +48,20 @@ def enqueue(queue: torch.Tensor, pointer: torch.Tensor, keys: torch.Tensor) -> N
     pointer.copy_((pointer + len(keys)) % len(queue))
 
 
-@register_method("moco")
+@register_method(MoCoParams)
 class MoCo(Method):
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        queue_size: int,
-        momentum: float,
-        temperature: float,
-        projection_dim: int,
-        hidden_dim: int,
-    ) -> None:
+    def __init__(self, params: MoCoParams, context: MethodContext) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone = context.backbone
         # fc-BN-ReLU-fc (SimCLR's head, as MoCo v3's) rather than MoCo v2's fc-ReLU-fc: without
         # BatchNorm the small convnet's first outputs all point one way (mean cosine 0.997), the
         # queue fills with near-identical keys and the loss stalls at log(K + 1).
-        self.head = projection_head(feature_dim, hidden_dim, projection_dim)
-        self.key_encoder = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(self.head))
+        self.head = projection_head(context.feature_dim, params.hidden_dim, params.projection_dim)
+        self.key_encoder = nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.head))
         self.key_encoder.requires_grad_(False)
-        self.momentum, self.temperature = momentum, temperature
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, projection_dim), dim=1))
+        self.momentum, self.temperature = params.momentum, params.temperature
+        queue = F.normalize(torch.randn(params.queue_size, params.projection_dim), dim=1)
+        self.register_buffer("queue", queue)
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
         # DDP would otherwise broadcast rank 0's queue at every forward: O(K) traffic per step,
         # and it would hide a rank whose own queue went wrong.

@@ -7,10 +7,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.params import PCAParams
 from workers.encoders import build_encoder
 from workers.figures import energy_landscape, is_plane, tile_grid
 from workers.latent_encoders import flat_dim
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 from workers.rank_state import global_sum
 
 
@@ -20,7 +21,7 @@ def reconstruction_error(y: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor
     return (centred - (centred @ axes.T) @ axes).pow(2).sum(1)
 
 
-@register_method("pca")
+@register_method(PCAParams)
 class PCA(Method):
     """Streaming PCA, learned in closed form without gradients.
 
@@ -29,15 +30,15 @@ class PCA(Method):
     that its largest entry is positive. Two ranks therefore learn exactly what one process
     learns on the concatenated batches."""
 
-    def __init__(
-        self, backbone: nn.Module, feature_dim: int, num_samples: int, components: int
-    ) -> None:
+    def __init__(self, params: PCAParams, context: MethodContext) -> None:
         super().__init__()
-        dim = flat_dim(backbone.config)
-        if components > dim:
-            raise ValueError(f"method.components {components} exceeds the data's {dim} dimensions")
+        dim = flat_dim(context.backbone.config)
+        if params.components > dim:
+            raise ValueError(
+                f"method.components {params.components} exceeds the data's {dim} dimensions"
+            )
         self.coder = build_encoder(
-            {"arch": "projection", "input_dim": dim, "components": components}
+            {"arch": "projection", "input_dim": dim, "components": params.components}
         )
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("total", torch.zeros(dim, dtype=torch.float64))  # sum y

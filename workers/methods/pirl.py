@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipelines.params import PIRLParams
 from workers import dist
 from workers.losses import info_nce_loss
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 from workers.methods.simclr import projection_head
 
 GRID = 3  # jigsaw of GRID x GRID patches
@@ -69,28 +70,25 @@ def update_bank(
     bank[unique] = F.normalize(mixed, dim=1)
 
 
-@register_method("pirl")
+@register_method(PIRLParams)
 class PIRL(Method):
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        temperature: float,
-        num_negatives: int,
-        bank_momentum: float,
-        loss_lambda: float,
-        projection_dim: int,
-        hidden_dim: int,
-    ) -> None:
+    def __init__(self, params: PIRLParams, context: MethodContext) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.image_head = projection_head(feature_dim, hidden_dim, projection_dim)  # f
-        self.patch_head = projection_head(feature_dim, hidden_dim, projection_dim)  # g, per patch
-        self.jigsaw_head = nn.Linear(GRID * GRID * projection_dim, projection_dim)  # g, joint
-        self.temperature, self.num_negatives = temperature, num_negatives
-        self.bank_momentum, self.loss_lambda = bank_momentum, loss_lambda
-        self.register_buffer("bank", F.normalize(torch.randn(num_samples, projection_dim), dim=1))
+        self.backbone = context.backbone
+        self.image_head = projection_head(
+            context.feature_dim, params.hidden_dim, params.projection_dim
+        )  # f
+        self.patch_head = projection_head(
+            context.feature_dim, params.hidden_dim, params.projection_dim
+        )  # g, per patch
+        self.jigsaw_head = nn.Linear(
+            GRID * GRID * params.projection_dim, params.projection_dim
+        )  # g, joint
+        self.temperature, self.num_negatives = params.temperature, params.num_negatives
+        self.bank_momentum, self.loss_lambda = params.bank_momentum, params.loss_lambda
+        self.register_buffer(
+            "bank", F.normalize(torch.randn(context.num_samples, params.projection_dim), dim=1)
+        )
         # DDP would otherwise broadcast rank 0's bank at every forward: O(N) traffic per step.
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["bank"])
         self._bank_update: tuple[torch.Tensor, torch.Tensor] | None = None  # set by forward

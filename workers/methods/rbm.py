@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.params import RBMParams
 from workers import dist
 from workers.encoders import build_encoder
 from workers.figures import tile_grid
 from workers.latent_encoders import flat_dim
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 from workers.rank_state import RankSlices
 
 FIGURE_GIBBS_STEPS = 500  # from noise, for the picture of the model's own samples
@@ -25,7 +26,7 @@ def free_energy(
     return -(y @ visible_bias) - F.softplus(y @ weight.T + hidden_bias).sum(1)
 
 
-@register_method("rbm")
+@register_method(RBMParams)
 class RBM(Method):
     """loss = mean F(y_data) - mean F(y_model), y_model held fixed: its gradient is the CD
     update (lower the energy of the data, raise that of the model's samples). y_model comes
@@ -34,27 +35,18 @@ class RBM(Method):
     buffer, so they are in the checkpoint. Data must lie in [0, 1] (grey levels are read as
     the probability that a pixel is on)."""
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        hidden: int,
-        cd_steps: int,
-        persistent: bool,
-        chains: int,
-    ) -> None:
+    def __init__(self, params: RBMParams, context: MethodContext) -> None:
         super().__init__()
-        visible = flat_dim(backbone.config)
+        visible = flat_dim(context.backbone.config)
         self.hidden_units = build_encoder(
-            {"arch": "rbm-hidden", "visible": visible, "hidden": hidden}
+            {"arch": "rbm-hidden", "visible": visible, "hidden": params.hidden}
         )
         self.visible_bias = nn.Parameter(torch.zeros(visible))  # b (V,)
-        self.cd_steps = cd_steps
+        self.cd_steps = params.cd_steps
         self.chains = None
-        if persistent:
-            start = torch.bernoulli(torch.full((dist.world_size() * chains, visible), 0.5))
-            self.chains = RankSlices(chains, start)
+        if params.persistent:
+            start = torch.bernoulli(torch.full((dist.world_size() * params.chains, visible), 0.5))
+            self.chains = RankSlices(params.chains, start)
 
     def gibbs(self, visible: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
         """``steps`` sweeps y -> z ~ p(z|y) -> y ~ p(y|z), the coins drawn from ``generator``;

@@ -10,26 +10,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipelines.params import SiameseParams
 from workers.losses import margin_contrastive_loss
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 from workers.methods.simclr import projection_head
 
 
-@register_method("siamese")
+@register_method(SiameseParams)
 class Siamese(Method):
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        margin: float,
-        projection_dim: int,
-        hidden_dim: int,
-    ) -> None:
+    def __init__(self, params: SiameseParams, context: MethodContext) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.head = projection_head(feature_dim, hidden_dim, projection_dim)
-        self.margin = margin
+        self.backbone = context.backbone
+        self.head = projection_head(context.feature_dim, params.hidden_dim, params.projection_dim)
+        self.margin = params.margin
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         # One backbone pass over both views keeps BatchNorm statistics shared between them.

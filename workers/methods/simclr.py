@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipelines.params import SimCLRParams
 from workers.losses import nt_xent_loss
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -19,21 +20,13 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential
     )
 
 
-@register_method("simclr")
+@register_method(SimCLRParams)
 class SimCLR(Method):
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        temperature: float,
-        projection_dim: int,
-        hidden_dim: int,
-    ) -> None:
+    def __init__(self, params: SimCLRParams, context: MethodContext) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.head = projection_head(feature_dim, hidden_dim, projection_dim)
-        self.temperature = temperature
+        self.backbone = context.backbone
+        self.head = projection_head(context.feature_dim, params.hidden_dim, params.projection_dim)
+        self.temperature = params.temperature
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         view_a, view_b = batch.view(0), batch.view(1)  # (n, C, H, W) each

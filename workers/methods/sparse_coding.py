@@ -8,14 +8,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.params import SparseCodingParams
 from workers import sparse
 from workers.encoders import build_encoder
 from workers.figures import energy_landscape, is_plane, tile_grid
 from workers.latent_encoders import flat_dim
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 
 
-@register_method("sparse_coding")
+@register_method(SparseCodingParams)
 class SparseCoding(Method):
     """Dictionary learning by alternation, one global batch at a time:
 
@@ -26,28 +27,18 @@ class SparseCoding(Method):
     3. every column of W is renormalised to unit norm (else W grows and z shrinks).
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        atoms: int,
-        lam: float,
-        solver: str,
-        tol: float,
-        max_iter: int,
-    ) -> None:
+    def __init__(self, params: SparseCodingParams, context: MethodContext) -> None:
         super().__init__()
-        self.lam = lam
+        self.lam = params.lam
         self.coder = build_encoder(
             {
                 "arch": "sparse-coder",
-                "input_dim": flat_dim(backbone.config),
-                "atoms": atoms,
-                "lam": lam,
-                "tol": tol,
-                "max_iter": max_iter,
-                "accelerated": solver == "fista",
+                "input_dim": flat_dim(context.backbone.config),
+                "atoms": params.atoms,
+                "lam": params.lam,
+                "tol": params.tol,
+                "max_iter": params.max_iter,
+                "accelerated": params.solver == "fista",
             }
         )
 

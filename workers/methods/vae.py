@@ -7,11 +7,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.params import VAEParams
 from workers import dist
 from workers.encoders import MLP, build_encoder
 from workers.figures import stacked_grid, tile_grid
 from workers.latent_encoders import flat_dim, sample_shape
-from workers.methods.base import Batch, Method, register_method
+from workers.methods.base import Batch, Method, MethodContext, register_method
 
 # A latent unit is active when its posterior mean varies over the data (Burda et al. 2016).
 ACTIVE_UNIT_VARIANCE = 0.01
@@ -23,27 +24,25 @@ def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.pow(2) + log_var.exp() - log_var - 1.0).sum(1)
 
 
-@register_method("vae")
+@register_method(VAEParams)
 class VAE(Method):
     """loss = mean_y [ ||y - dec(z)||^2 + beta * KL ], z = mu + sigma * eps (the
     reparameterisation, so the gradient flows through the sample). beta is the spring pulling
     codes to the origin: too strong and every code collapses onto the prior (no active units),
     too weak and the fuzzy balls fly apart."""
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_samples: int,
-        latent_dim: int,
-        beta: float,
-        hidden_dim: int,
-    ) -> None:
+    def __init__(self, params: VAEParams, context: MethodContext) -> None:
         super().__init__()
-        self.beta, self.shape = beta, sample_shape(backbone.config)
-        config = {"arch": "gaussian", "backbone": backbone.config, "latent_dim": latent_dim}
+        self.beta, self.shape = params.beta, sample_shape(context.backbone.config)
+        config = {
+            "arch": "gaussian",
+            "backbone": context.backbone.config,
+            "latent_dim": params.latent_dim,
+        }
         self.gaussian = build_encoder(config)
-        self.decoder = MLP(latent_dim, 1, flat_dim(backbone.config), hidden_dim)
+        self.decoder = MLP(
+            params.latent_dim, 1, flat_dim(context.backbone.config), params.hidden_dim
+        )
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.decoder(codes).view(-1, *self.shape)
