@@ -30,7 +30,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training or dist.world_size() == 1:
             return super().forward(input)
-        x = input.float()
+        # Statistics of 16-bit activations (autocast) in float32; float64 stays float64.
+        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
@@ -56,12 +57,14 @@ def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
     the same parameters and running statistics; returns ``module``."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm1d | nn.BatchNorm2d):
+            like = child.weight if child.affine else child.running_mean  # dtype, device
             replacement = GlobalBatchNorm(
                 child.num_features,
                 child.eps,
                 child.momentum,
                 child.affine,
                 child.track_running_stats,
+                **({"device": like.device, "dtype": like.dtype} if like is not None else {}),
             )
             replacement.load_state_dict(child.state_dict())
             setattr(module, name, replacement)
