@@ -142,7 +142,14 @@ def build_training(
     torch.manual_seed(train.seed)
     backbone = build_encoder(spec.encoder.config(*sample_shape))
     total_steps = train.epochs * steps_per_epoch
-    context = MethodContext(backbone, spec.encoder.out_dim, num_samples, total_steps)
+    context = MethodContext(
+        backbone,
+        spec.encoder.out_dim,
+        num_samples,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        augment_preset=spec.augment.preset,
+    )
     method = build_method(spec.method, context)
     if train.sync_batchnorm:
         convert_to_global_batchnorm(method)

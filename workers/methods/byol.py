@@ -26,21 +26,15 @@ from collections.abc import Iterator
 from itertools import chain
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipelines.params import BYOLParams
+from workers.collapse import normalised_std
 from workers.losses import byol_loss
 from workers.methods.base import Batch, Method, MethodContext, register_method
 from workers.methods.moco import momentum_update
 from workers.methods.simclr import projection_head
 from workers.optim import cosine_momentum
-
-
-def projection_std(z: torch.Tensor) -> torch.Tensor:
-    """Mean over dimensions of the std of the L2-normalised rows of ``z`` (n, d), detached:
-    about 1/sqrt(d) while the projections spread over the sphere, 0 once they collapse."""
-    return F.normalize(z.detach(), dim=1).std(dim=0).mean()
 
 
 @register_method(BYOLParams)
@@ -81,7 +75,7 @@ class BYOL(Method):
         with torch.no_grad():  # the stop-gradient: the target only bootstraps
             t1, t2 = self.target(views).chunk(2)
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        return {"loss": loss, "projection_std": projection_std(z)}
+        return {"loss": loss, "projection_std": normalised_std(z)}
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
