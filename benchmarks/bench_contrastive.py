@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.contrastive_inprocess import Training, build_training, example_spec
+from benchmarks.contrastive_inprocess import InProcess, example_spec, in_process
+from pipelines.spec import JobSpec
 from workers.methods import Batch
 from workers.methods.moco import enqueue
 from workers.methods.pirl import update_bank
@@ -49,11 +50,18 @@ def _memory_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def _ready(method: str, batch_size: int) -> tuple[Training, Callable[[], float]]:
-    training = build_training(example_spec(method, batch_size=batch_size, epochs=1000))
-    images, indices = next(iter(training.loader))
-    training.method.train()
-    return training, partial(training.train_step, images, indices)
+def ready_step(spec: JobSpec) -> tuple[InProcess, Callable[[], object]]:
+    """``spec`` set up as the train loop does, and its training step (the train loop's own,
+    ``workers.step.Training.train_step``) on one fixed batch."""
+    run = in_process(spec)
+    images, indices = next(iter(run.loader))
+    run.training.model.train()
+    return run, partial(run.training.train_step, images, indices)
+
+
+def _ready(method: str, batch_size: int) -> tuple[InProcess, Callable[[], object]]:
+    """The method's example spec at ``batch_size`` (its schedule barely moving), ready."""
+    return ready_step(example_spec(method, batch_size=batch_size, epochs=1000))
 
 
 def _rotations(names: list, rounds: int) -> list[list]:
@@ -71,18 +79,34 @@ def peak_training_mib(method: str, batch_size: int, steps: int) -> float:
     return _memory_mib("VmHWM") - before
 
 
-def steps_per_second(batch_size: int, steps: int, warmup: int) -> dict[str, float]:
-    steppers = {method: _ready(method, batch_size)[1] for method in METHODS}
+def interleaved_step_times(
+    steppers: dict[str, Callable[[], object]], steps: int, warmup: int
+) -> dict[str, dict[str, float]]:
+    """Median seconds per step of each stepper, ``{"wall": ..., "cpu": ...}`` (wall clock and
+    this process's CPU time), over ``steps`` steps each after ``warmup`` ones, the steppers
+    taking turns step by step in a rotating order."""
     for step in steppers.values():
         for _ in range(warmup):
             step()
-    times: dict[str, list[float]] = {method: [] for method in METHODS}
-    for order in _rotations(list(METHODS), steps):
-        for method in order:
-            start = time.perf_counter()
-            steppers[method]()
-            times[method].append(time.perf_counter() - start)
-    return {method: 1.0 / statistics.median(values) for method, values in times.items()}
+    names = list(steppers)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for order in _rotations(names, steps):
+        for name in order:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            steppers[name]()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {
+        name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name])}
+        for name in names
+    }
+
+
+def steps_per_second(batch_size: int, steps: int, warmup: int) -> dict[str, float]:
+    steppers = {method: _ready(method, batch_size)[1] for method in METHODS}
+    times = interleaved_step_times(steppers, steps, warmup)
+    return {method: 1.0 / median["wall"] for method, median in times.items()}
 
 
 def update_rows(batch_size: int, repeats: int) -> list[str]:
@@ -91,13 +115,12 @@ def update_rows(batch_size: int, repeats: int) -> list[str]:
     forward runs on cold caches), medians of ``repeats``."""
     rows = []
     for method in ("moco", "pirl"):
-        training, _ = _ready(method, batch_size)
-        images, indices = next(iter(training.loader))
-        dim = training.spec.method.projection_dim
+        run, _ = _ready(method, batch_size)
+        images, indices = next(iter(run.loader))
+        dim = run.spec.method.projection_dim
         keys = F.normalize(torch.randn(batch_size, dim), dim=1)
-        actions: dict[object, Callable[[], object]] = {
-            "forward": partial(training.method, Batch(images, indices, 0, training.augment))
-        }
+        forward = partial(run.training.method, Batch(images, indices, 0, run.training.augment))
+        actions: dict[object, Callable[[], object]] = {"forward": forward}
         for size in STORE_SIZES:
             store = F.normalize(torch.randn(size, dim), dim=1)
             if method == "moco":

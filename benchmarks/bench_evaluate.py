@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from pipelines import protocols
+from pipelines.spec import EncoderSpec
 from workers.data import load_dataset, split_indices
-from workers.encoders import backbone_config, build_encoder
+from workers.encoders import build_encoder
 
 
 def _timed(function: Callable[[], object], repeats: int) -> float:
@@ -38,7 +39,7 @@ def main() -> None:
     split = split_indices(dataset.labels, 0.25, 0)
     labels = dataset.labels.numpy()
     torch.manual_seed(0)
-    encoder = build_encoder(backbone_config("small-convnet", 1, 8, 128))
+    encoder = build_encoder(EncoderSpec().config(in_channels=1, image_size=8))
     features = protocols.extract_features(encoder, dataset.images)
     subset = split.train[protocols.label_subset(labels[split.train], 0.1, 0)]
     cases = {

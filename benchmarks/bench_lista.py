@@ -88,6 +88,8 @@ def train_lista(
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     generator = torch.Generator().manual_seed(0)
+    # Its own loop, not workers.step.Training: it trains a bare LISTA network (no Method) on a
+    # fixed dictionary and fixed targets, with gradient clipping, which no job's step does.
     for _ in range(args.steps):
         rows = torch.randint(0, len(train), (args.batch,), generator=generator)
         codes = network(train[rows])

@@ -25,8 +25,10 @@ import torch
 from PIL import Image
 
 from benchmarks.latent_common import train_method
+from pipelines.params import ConvSparseCodingParams
 from workers.data import load_dataset
 from workers.encoders import build_encoder
+from workers.methods import MethodContext
 from workers.methods.conv_sparse_coding import ConvSparseCoding
 
 # Whitened 16x16 patches: large enough for a 7x7 kernel to sit inside at several offsets,
@@ -41,8 +43,17 @@ def learn_kernels(patches: torch.Tensor, kernels: int, optimizer: str) -> ConvSp
     torch.manual_seed(0)
     size = patches.shape[-1]
     backbone = build_encoder({"arch": "mlp", "in_channels": 1, "image_size": size, "out_dim": 1})
+    params = ConvSparseCodingParams(
+        name="conv_sparse_coding",
+        kernels=kernels,
+        kernel_size=KERNEL_SIZE,
+        lam=LAM,
+        tol=TOL,
+        max_iter=MAX_ITER,
+        pool=2,
+    )
     method = ConvSparseCoding(
-        backbone, 1, len(patches), kernels, KERNEL_SIZE, LAM, TOL, MAX_ITER, pool=2
+        params, MethodContext(backbone, feature_dim=1, num_samples=len(patches))
     )
     lr = LEARNING_RATES[optimizer]
     rule = (

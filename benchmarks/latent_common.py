@@ -9,12 +9,14 @@ from typing import Any
 
 import torch
 
+from pipelines.params import SparseCodingParams
 from workers import sparse
 from workers.augment import build_augment
 from workers.data import load_dataset
 from workers.encoders import build_encoder
-from workers.methods import Batch, Method
+from workers.methods import Method, MethodContext
 from workers.methods.sparse_coding import SparseCoding
+from workers.step import Training
 
 
 def patches(size: int, count: int, seed: int = 0) -> torch.Tensor:
@@ -32,7 +34,10 @@ def learn_dictionary(
     torch.manual_seed(0)
     dim = train.shape[1]
     backbone = build_encoder({"arch": "mlp", "in_channels": dim, "image_size": 1, "out_dim": 1})
-    method = SparseCoding(backbone, 1, len(train), atoms, lam, "fista", 1e-4, 300)
+    params = SparseCodingParams(
+        name="sparse_coding", atoms=atoms, lam=float(lam), solver="fista", tol=1e-4, max_iter=300
+    )
+    method = SparseCoding(params, MethodContext(backbone, feature_dim=1, num_samples=len(train)))
     train_method(method, torch.optim.Adam(method.parameters(), lr=lr), train, steps, batch)
     return method.coder.dictionary.detach().clone()
 
@@ -40,19 +45,15 @@ def learn_dictionary(
 def train_method(
     method: Method, optimizer: torch.optim.Optimizer, data: torch.Tensor, steps: int, batch: int
 ) -> dict[str, torch.Tensor]:
-    """``steps`` training steps of ``method`` in one process, as the train loop takes them, on
-    batches drawn with replacement from ``data`` by a seeded generator; returns the last
-    step's outputs."""
-    augment = build_augment("none", 1, 0, 0)
+    """``steps`` training steps of ``method`` in one process, the train loop's own
+    (``workers.step.Training``, constant learning rate), on batches drawn with replacement
+    from ``data`` by a seeded generator; returns the last step's outputs."""
+    training = Training.of(method, optimizer, build_augment("none", 1, 0, 0))
     generator = torch.Generator().manual_seed(0)
     outputs: dict[str, torch.Tensor] = {}
-    for step in range(steps):
+    for _ in range(steps):
         rows = torch.randint(0, len(data), (batch,), generator=generator)
-        outputs = method(Batch(data[rows], rows, step, augment))
-        optimizer.zero_grad()
-        outputs["loss"].backward()
-        optimizer.step()
-        method.after_optimizer_step()
+        outputs = training.train_step(data[rows], rows)
     return outputs
 
 

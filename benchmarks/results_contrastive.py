@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from benchmarks import bench_contrastive
-from benchmarks.contrastive_inprocess import build_training, example_spec
+from benchmarks.contrastive_inprocess import example_spec, in_process
 from pipelines.protocols import extract_features, label_subset, linear_probe_scores, top_k_accuracy
 from pipelines.spec import JobSpec
 from workers.data import ImageDataset, Split, load_dataset, split_indices
-from workers.encoders import backbone_config, build_encoder
+from workers.encoders import build_encoder
 
 METHODS = ("simclr", "siamese", "moco", "pirl")
 FRACTIONS = (0.01, 0.1, 1.0)
@@ -84,30 +84,33 @@ def with_overrides(spec: JobSpec, settings: list[str]) -> JobSpec:
 
 
 def train_and_probe(spec: JobSpec) -> Row:
-    training = build_training(spec)
+    run = in_process(spec)
     wall, cpu = time.perf_counter(), time.process_time()
-    losses = [training.train_epoch(epoch) for epoch in range(spec.train.epochs)]
+    losses = [run.train_epoch(epoch) for epoch in range(spec.train.epochs)]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    features = extract_features(training.method.encoder(), training.dataset.images)
+    features = extract_features(run.training.method.encoder(), run.dataset.images)
     budget = (
-        f"{spec.train.epochs} epochs, {training.step} steps of {spec.train.batch_size}: "
+        f"{spec.train.epochs} epochs, {run.training.step} steps of {spec.train.batch_size}: "
         f"{wall:.0f} s wall, {cpu:.0f} s CPU; loss {losses[0]:.2f} -> {losses[-1]:.2f}"
     )
-    return Row(spec.method.name, probe(features, training.dataset, training.split), budget)
+    return Row(spec.method.name, probe(features, run.dataset, run.split), budget)
+
+
+def random_encoder_row(spec: JobSpec, dataset: ImageDataset, split: Split) -> Row:
+    """The probe of a randomly initialised encoder of ``spec``'s architecture (its seed)."""
+    config = spec.encoder.config(dataset.in_channels, dataset.image_size)
+    torch.manual_seed(spec.train.seed)
+    random_encoder = build_encoder(config)
+    return Row(
+        f"random {spec.encoder.arch}",
+        probe(extract_features(random_encoder, dataset.images), dataset, split),
+    )
 
 
 def baselines(spec: JobSpec, dataset: ImageDataset, split: Split) -> list[Row]:
-    config = backbone_config(
-        spec.encoder.arch, dataset.in_channels, dataset.image_size, spec.encoder.out_dim
-    )
-    torch.manual_seed(spec.train.seed)
-    random_encoder = build_encoder(config)
     return [
         Row("raw pixels", probe(dataset.images.flatten(1).numpy(), dataset, split)),
-        Row(
-            f"random {spec.encoder.arch}",
-            probe(extract_features(random_encoder, dataset.images), dataset, split),
-        ),
+        random_encoder_row(spec, dataset, split),
     ]
 
 

@@ -32,12 +32,14 @@ from sklearn.neural_network import BernoulliRBM
 from sklearn.pipeline import make_pipeline
 
 from benchmarks.latent_common import fista, objective, patches
+from pipelines.params import RBMParams, SparseCodingParams
 from workers.augment import build_augment
 from workers.data import load_dataset, split_indices
 from workers.encoders import build_encoder
-from workers.methods import Batch
+from workers.methods import MethodContext
 from workers.methods.rbm import RBM
 from workers.methods.sparse_coding import SparseCoding
+from workers.step import Training
 
 LAM = 2.0
 AUGMENT = build_augment("none", 1, 0, 0)
@@ -67,17 +69,16 @@ def dictionary_row(budget: float) -> None:
 
     torch.manual_seed(0)
     backbone = build_encoder({"arch": "mlp", "in_channels": 64, "image_size": 1, "out_dim": 1})
-    method = SparseCoding(backbone, 1, len(train), 128, LAM, "fista", 1e-4, 300)
-    optimizer = torch.optim.Adam(method.parameters(), lr=3e-3)
-    steps, start = 0, time.perf_counter()
+    params = SparseCodingParams(
+        name="sparse_coding", atoms=128, lam=LAM, solver="fista", tol=1e-4, max_iter=300
+    )
+    method = SparseCoding(params, MethodContext(backbone, feature_dim=1, num_samples=len(train)))
+    training = Training.of(method, torch.optim.Adam(method.parameters(), lr=3e-3), AUGMENT)
+    start = time.perf_counter()
     while time.perf_counter() - start < budget:
         rows = torch.randint(0, len(train), (256,), generator=generator)
-        loss = method(Batch(train[rows], rows, steps, AUGMENT))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        method.after_optimizer_step()
-        steps += 1
+        training.train_step(train[rows], rows)
+    steps = training.step
     ours = method.coder.dictionary.detach()
 
     reference = MiniBatchDictionaryLearning(
@@ -119,16 +120,15 @@ class SelfsupRBM(BaseEstimator, TransformerMixin):
         torch.manual_seed(0)
         data = torch.from_numpy(rows.astype(np.float32))
         config = {"arch": "mlp", "in_channels": data.shape[1], "image_size": 1, "out_dim": 1}
-        method = RBM(build_encoder(config), 1, len(data), self.hidden, 1, self.persistent, 10)
-        optimizer = torch.optim.SGD(method.parameters(), lr=self.lr)
-        step = 0
+        params = RBMParams(
+            name="rbm", hidden=self.hidden, cd_steps=1, persistent=self.persistent, chains=10
+        )
+        context = MethodContext(build_encoder(config), feature_dim=1, num_samples=len(data))
+        method = RBM(params, context)
+        training = Training.of(method, torch.optim.SGD(method.parameters(), lr=self.lr), AUGMENT)
         for _ in range(self.epochs):
             for rows_index in torch.randperm(len(data)).split(10):
-                loss = method(Batch(data[rows_index], rows_index, step, AUGMENT))["loss"]
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                step += 1
+                training.train_step(data[rows_index], rows_index)
         self.encoder_ = method.encoder().eval()
         return self
 

@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipelines.params import MoCoParams, PIRLParams
 from tests.distributed import run_on_workers
 from workers import dist
 from workers.losses import margin_contrastive_loss, nt_xent_loss
-from workers.methods import Batch, Method
+from workers.methods import Method, MethodContext
 from workers.methods.moco import MoCo
 from workers.methods.pirl import PIRL
+from workers.step import Training
 
 WORLD = 2
 LOCAL = 3  # samples per rank and step
@@ -65,7 +67,10 @@ def without_batchnorm(module: nn.Module) -> nn.Module:
 def moco(norm: bool = False) -> MoCo:
     torch.manual_seed(0)
     layers = [nn.Flatten(), nn.Linear(64, 6)] + ([nn.BatchNorm1d(6)] if norm else [])
-    method = MoCo(nn.Sequential(*layers), 6, 64, 12, 0.9, 0.2, projection_dim=4, hidden_dim=8)
+    params = MoCoParams(
+        name="moco", queue_size=12, momentum=0.9, temperature=0.2, projection_dim=4, hidden_dim=8
+    )
+    method = MoCo(params, MethodContext(nn.Sequential(*layers), feature_dim=6, num_samples=64))
     return method if norm else without_batchnorm(method)
 
 
@@ -75,24 +80,28 @@ def pirl() -> PIRL:
     backbone = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
     )
-    return without_batchnorm(
-        PIRL(backbone, 16, 12, 0.2, 5, 0.5, 0.5, projection_dim=4, hidden_dim=8)
+    params = PIRLParams(
+        name="pirl",
+        temperature=0.2,
+        num_negatives=5,
+        bank_momentum=0.5,
+        loss_lambda=0.5,
+        projection_dim=4,
+        hidden_dim=8,
     )
+    return without_batchnorm(PIRL(params, MethodContext(backbone, feature_dim=16, num_samples=12)))
 
 
 def train(
     method: Method, batches: list[tuple[torch.Tensor, torch.Tensor]], wrap: bool
 ) -> list[float]:
     """SGD steps as the train loop takes them; DDP-wrapped on the ranks."""
-    model = DistributedDataParallel(method) if wrap else method
+    model = DistributedDataParallel(method) if wrap else None
     optimizer = torch.optim.SGD(method.parameters(), lr=0.5)
+    training = Training.of(method, optimizer, shifted_views, model=model)
     losses = []
-    for step, (images, indices) in enumerate(batches):
-        loss = model(Batch(images, indices, step, shifted_views))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        method.after_optimizer_step()
+    for images, indices in batches:
+        loss = training.train_step(images, indices)["loss"]
         losses.append(dist.all_reduce_mean(loss.detach()).item())
     return losses
 
@@ -107,6 +116,7 @@ def gradients_of(loss_name: str, inputs: torch.Tensor, wrap: bool) -> dict[str, 
     model = DistributedDataParallel(linear) if wrap else linear
     z_a, z_b = model(inputs).chunk(2, dim=1)
     loss = LOSSES[loss_name](z_a, z_b)
+    # A bare loss and its gradient, not a method's training step: no Training here.
     loss.backward()
     return {"loss": dist.all_reduce_mean(loss.detach()).item(), "grad": linear.weight.grad}
 

@@ -12,15 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.spec import SpecError, load_spec_text, parse_spec, read_yaml, train_size
+from pipelines.params import MoCoParams
+from pipelines.spec import (
+    EncoderSpec,
+    SpecError,
+    load_spec_text,
+    parse_spec,
+    read_yaml,
+    train_size,
+)
 from tests.resume import straight_halfway_resumed
 from workers.augment import build_augment
 from workers.data import load_dataset, split_indices
-from workers.encoders import backbone_config, build_encoder
+from workers.encoders import build_encoder
 from workers.losses import info_nce_loss, margin_contrastive_loss
-from workers.methods import Batch, Method, build_method
+from workers.methods import Batch, MethodContext, build_method
 from workers.methods.moco import MoCo, enqueue
 from workers.methods.pirl import jigsaw, update_bank
+from workers.step import Training
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -72,7 +81,15 @@ def test_info_nce_matches_the_equation_term_by_term() -> None:
 def tiny_moco(queue_size: int = 8, momentum: float = 0.9) -> MoCo:
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(16, 6))
-    return MoCo(backbone, 6, 100, queue_size, momentum, 0.2, projection_dim=3, hidden_dim=5)
+    params = MoCoParams(
+        name="moco",
+        queue_size=queue_size,
+        momentum=momentum,
+        temperature=0.2,
+        projection_dim=3,
+        hidden_dim=5,
+    )
+    return MoCo(params, MethodContext(backbone, feature_dim=6, num_samples=100))
 
 
 def shifted_views(images: torch.Tensor, step: int, view: int) -> torch.Tensor:
@@ -85,6 +102,8 @@ def test_momentum_update_by_hand_once_per_optimizer_step() -> None:
     optimizer = torch.optim.SGD(method.parameters(), lr=0.5)
     key_before = method.key_encoder[0][1].weight.detach().clone()
     images = torch.rand(4, 1, 4, 4)
+    # The step by hand, not Training.train_step: the key encoder is checked between the
+    # optimizer's step and the momentum update.
     loss = method(Batch(images, torch.arange(4), 0, shifted_views))["loss"]
     loss.backward()
     optimizer.step()
@@ -117,6 +136,8 @@ def test_short_last_batch_keeps_the_queue_the_newest_keys() -> None:
     enqueued = []
     for step, size in enumerate([4, 4, 3, 4, 4]):  # the third batch is short
         images = torch.rand(size, 1, 4, 4, generator=generator)
+        # The step by hand, not Training.train_step: the keys are read between the forward
+        # pass and after_optimizer_step, which enqueues and clears them.
         loss = method(Batch(images, torch.arange(size), step, shifted_views))["loss"]
         enqueued.append(method._keys_to_enqueue.clone())
         optimizer.zero_grad()
@@ -227,26 +248,21 @@ def test_pirl_negatives_must_fit_in_the_bank_and_bad_values_name_their_field() -
 # ---- exact resume ------------------------------------------------------------------------
 
 
-def build(method_name: str, seed: int) -> tuple[Method, torch.optim.Optimizer]:
+def build(method_name: str, seed: int) -> Training:
     spec = load_spec_text((EXAMPLES / f"{method_name}-digits.yaml").read_text())
-    params = spec.model_dump(mode="json")["method"]
-    params.update({"queue_size": 32} if method_name == "moco" else {"num_negatives": 32})
+    change = {"queue_size": 32} if method_name == "moco" else {"num_negatives": 32}
+    params = spec.method.model_copy(update=change)
     torch.manual_seed(seed)
-    method = build_method(params, build_encoder(backbone_config("small-convnet", 1, 8, 32)), 32, 64)
-    return method, torch.optim.Adam(method.parameters(), lr=1e-3)
+    backbone = build_encoder(EncoderSpec(out_dim=32).config(in_channels=1, image_size=8))
+    method = build_method(params, MethodContext(backbone, feature_dim=32, num_samples=64))
+    optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
+    return Training.of(method, optimizer, build_augment("digits", 8, seed=0, rank=0))
 
 
-def train_steps(
-    method: Method, optimizer: torch.optim.Optimizer, steps: range, images: torch.Tensor
-) -> None:
-    augment = build_augment("digits", 8, seed=0, rank=0)
+def train_steps(training: Training, steps: range, images: torch.Tensor) -> None:
     for step in steps:
         indices = (torch.arange(16) + 16 * step) % 64
-        loss = method(Batch(images[indices], indices, step, augment))["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        method.after_optimizer_step()
+        training.train_step(images[indices], indices)
 
 
 @pytest.mark.parametrize("method_name", ["moco", "pirl"])

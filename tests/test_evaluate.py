@@ -18,10 +18,10 @@ from pipelines.protocols import (
     linear_probe_scores,
     top_k_accuracy,
 )
-from pipelines.spec import EvaluateSpec, SpecError, parse_spec
+from pipelines.spec import EncoderSpec, EvaluateSpec, SpecError, parse_spec
 from service.results import results_table
 from workers.data import ImageDataset, Split, split_indices
-from workers.encoders import backbone_config, build_encoder
+from workers.encoders import build_encoder
 
 
 def blobs(num_classes: int, per_class: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +46,7 @@ def quadrant_images(per_class: int, seed: int) -> tuple[torch.Tensor, np.ndarray
 
 def small_convnet(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_encoder(backbone_config("small-convnet", 1, 8, 16))
+    return build_encoder(EncoderSpec(out_dim=16).config(in_channels=1, image_size=8))
 
 
 def test_top_k_accuracy_counts_a_hit_anywhere_in_the_top_k() -> None:

@@ -16,16 +16,18 @@ import pytest
 import ray.train.torch
 import torch
 
+from pipelines.params import KMeansParams, PCAParams, RBMParams, SparseCodingParams
 from tests.latent_ranks import part_results, register_part
 from workers import dist
 from workers.augment import build_augment
 from workers.data import load_dataset
 from workers.encoders import build_encoder
-from workers.methods import Batch, Method
+from workers.methods import Method, MethodContext
 from workers.methods.kmeans import KMeans
 from workers.methods.pca import PCA
 from workers.methods.rbm import RBM
 from workers.methods.sparse_coding import SparseCoding
+from workers.step import Training
 
 WORLD, LOCAL, STEPS = 2, 24, 3
 AUGMENT = build_augment("none", 8, 0, 0)
@@ -40,14 +42,20 @@ def global_batch(step: int) -> torch.Tensor:
 def methods() -> dict[str, Method]:
     """Fresh methods with the same initial state in every process."""
     torch.manual_seed(0)
-    backbone = build_encoder({"arch": "mlp", "in_channels": 1, "image_size": 8, "out_dim": 4})
+    context = mlp_context()
+    sparse_coding = SparseCodingParams(
+        name="sparse_coding", atoms=32, lam=0.5, solver="fista", tol=1e-6, max_iter=2000
+    )
     return {
-        "sparse_coding": SparseCoding(
-            backbone, 4, 0, atoms=32, lam=0.5, solver="fista", tol=1e-6, max_iter=2000
-        ),
-        "kmeans": KMeans(backbone, 4, 0, clusters=6),
-        "pca": PCA(backbone, 4, 0, components=5),
+        "sparse_coding": SparseCoding(sparse_coding, context),
+        "kmeans": KMeans(KMeansParams(name="kmeans", clusters=6), context),
+        "pca": PCA(PCAParams(name="pca", components=5), context),
     }
+
+
+def mlp_context() -> MethodContext:
+    backbone = build_encoder({"arch": "mlp", "in_channels": 1, "image_size": 8, "out_dim": 4})
+    return MethodContext(backbone, feature_dim=4, num_samples=0)
 
 
 def train(method: Method, local_batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,13 +67,9 @@ def train(method: Method, local_batches: list[torch.Tensor]) -> dict[str, torch.
         else method
     )
     optimizer = torch.optim.SGD([{"params": list(method.parameters())}], lr=0.05)
-    for step, images in enumerate(local_batches):
-        loss = model(Batch(images, torch.arange(len(images)), step, AUGMENT))["loss"]
-        optimizer.zero_grad()
-        if loss.requires_grad:
-            loss.backward()
-        optimizer.step()
-        method.after_optimizer_step()
+    training = Training.of(method, optimizer, AUGMENT, model=model)
+    for images in local_batches:
+        training.train_step(images, torch.arange(len(images)))
     return {key: value.detach().clone() for key, value in method.state_dict().items()}
 
 
@@ -76,8 +80,9 @@ def on_each_rank(_: None) -> dict[str, Any]:
     states = {name: train(method, local) for name, method in methods().items()}
 
     torch.manual_seed(0)
-    backbone = build_encoder({"arch": "mlp", "in_channels": 1, "image_size": 8, "out_dim": 4})
-    rbm = RBM(backbone, 4, 0, hidden=16, cd_steps=1, persistent=True, chains=8)
+    rbm = RBM(
+        RBMParams(name="rbm", hidden=16, cd_steps=1, persistent=True, chains=8), mlp_context()
+    )
     before = rbm.chains.samples.clone()
     train(rbm, local[:1])
     return {"states": states, "chains_before": before, "chains_after": rbm.chains.samples}

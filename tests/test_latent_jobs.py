@@ -162,7 +162,7 @@ def in_process_jobs(folder: Path) -> list[dict[str, Any]]:
     experiment = client.create_experiment("latent", artifact_location=str(folder / "artifacts"))
     return [
         {
-            "spec": parse_spec(tiny_document(method, IN_PROCESS)).model_dump(mode="json"),
+            "spec": parse_spec(tiny_document(method, IN_PROCESS)),
             "run_id": client.create_run(experiment, run_name=method).info.run_id,
             "tracking_uri": tracking_uri,
         }

@@ -9,16 +9,18 @@ import pytest
 import torch
 from sklearn.decomposition import PCA as ReferencePCA
 
+from pipelines.params import KMeansParams, LangevinEBMParams, PCAParams, RBMParams
 from pipelines.spec import SpecError, parse_spec
 from workers.augment import build_augment
 from workers.data import load_data_section, load_dataset, split_dataset
 from workers.encoders import build_encoder
-from workers.methods import Batch, Method
+from workers.methods import Batch, Method, MethodContext
 from workers.methods.dae import corrupt
 from workers.methods.ebm_langevin import LangevinEBM
 from workers.methods.kmeans import KMeans
 from workers.methods.pca import PCA
 from workers.methods.rbm import RBM
+from workers.step import Training
 
 AUGMENT = build_augment("none", 8, 0, 0)
 
@@ -26,28 +28,48 @@ AUGMENT = build_augment("none", 8, 0, 0)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def backbone(arch: str, in_channels: int, image_size: int, out_dim: int = 32) -> torch.nn.Module:
+def context(
+    arch: str, in_channels: int, image_size: int, num_samples: int, out_dim: int = 32
+) -> MethodContext:
+    """A method's context around a fresh backbone ``arch``, ``out_dim`` features wide."""
     config = {"in_channels": in_channels, "image_size": image_size, "out_dim": out_dim}
-    return build_encoder({"arch": arch, **config})
+    return MethodContext(build_encoder({"arch": arch, **config}), out_dim, num_samples)
+
+
+def ebm_params(
+    langevin_steps: int,
+    step_size: float,
+    noise_std: float,
+    buffer_size: int,
+    energy_penalty: float,
+    energy_limit: float,
+) -> LangevinEBMParams:
+    return LangevinEBMParams(
+        name="ebm_langevin",
+        langevin_steps=langevin_steps,
+        step_size=step_size,
+        noise_std=noise_std,
+        buffer_size=buffer_size,
+        reinit_fraction=0.05,
+        energy_penalty=energy_penalty,
+        energy_limit=energy_limit,
+    )
 
 
 def train(method: Method, data: torch.Tensor, steps: int, batch: int, lr: float) -> None:
-    optimizer = torch.optim.Adam(method.parameters(), lr=lr)
+    training = Training.of(method, torch.optim.Adam(method.parameters(), lr=lr), AUGMENT)
     generator = torch.Generator().manual_seed(1)
-    for step in range(steps):
+    for _ in range(steps):
         rows = torch.randint(0, len(data), (batch,), generator=generator)
-        loss = method(Batch(data[rows], rows, step, AUGMENT))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        method.after_optimizer_step()
+        training.train_step(data[rows], rows)
 
 
 @pytest.mark.parametrize("persistent", [False, True])
 def test_rbm_gives_data_lower_free_energy_than_noise(persistent: bool) -> None:
     torch.manual_seed(0)
     digits = load_dataset("builtin:digits").images
-    rbm = RBM(backbone("mlp", 1, 8), 32, len(digits), 64, 1, persistent, chains=32)
+    params = RBMParams(name="rbm", hidden=64, cd_steps=1, persistent=persistent, chains=32)
+    rbm = RBM(params, context("mlp", 1, 8, len(digits)))
     noise = torch.rand(256, 1, 8, 8)
     # Untrained (W ~ 0.01, zero biases) the two are within a fraction of a unit.
     assert rbm.energy(digits[:256]).mean() - rbm.energy(noise).mean() > -2
@@ -60,7 +82,7 @@ def test_rbm_gives_data_lower_free_energy_than_noise(persistent: bool) -> None:
 def test_langevin_ebm_gives_the_spiral_lower_energy_than_noise() -> None:
     torch.manual_seed(0)
     spiral = load_dataset("builtin:spiral").samples
-    ebm = LangevinEBM(backbone("mlp", 2, 1), 32, len(spiral), 10, 0.01, 0.1, 512, 0.05, 0.1, 1e4)
+    ebm = LangevinEBM(ebm_params(10, 0.01, 0.1, 512, 0.1, 1e4), context("mlp", 2, 1, len(spiral)))
     noise = 2 * torch.rand(1024, 2) - 1
 
     def gap() -> float:
@@ -75,7 +97,7 @@ def test_langevin_ebm_gives_the_spiral_lower_energy_than_noise() -> None:
 def test_langevin_ebm_fails_with_a_clear_message_when_it_diverges() -> None:
     torch.manual_seed(0)
     spiral = load_dataset("builtin:spiral").samples
-    ebm = LangevinEBM(backbone("mlp", 2, 1), 32, len(spiral), 30, 1e6, 0.01, 64, 0.05, 0.0, 100.0)
+    ebm = LangevinEBM(ebm_params(30, 1e6, 0.01, 64, 0.0, 100.0), context("mlp", 2, 1, len(spiral)))
     with pytest.raises(FloatingPointError, match=r"ebm_langevin diverged at step 0: .*step_size"):
         train(ebm, spiral, steps=3, batch=32, lr=1e-3)
 
@@ -83,7 +105,7 @@ def test_langevin_ebm_fails_with_a_clear_message_when_it_diverges() -> None:
 def test_kmeans_prototypes_are_running_means_of_their_members() -> None:
     torch.manual_seed(0)
     digits = load_dataset("builtin:digits").images.flatten(1)
-    kmeans = KMeans(backbone("mlp", 64, 1), 32, len(digits), clusters=5)
+    kmeans = KMeans(KMeansParams(name="kmeans", clusters=5), context("mlp", 64, 1, len(digits)))
     first, second = digits[:40], digits[40:100]
     kmeans(Batch(first, torch.arange(40), 0, AUGMENT))
     start = first[:5]  # the first batch's first K samples
@@ -102,7 +124,7 @@ def test_kmeans_prototypes_are_running_means_of_their_members() -> None:
 
 def test_streaming_pca_matches_scikit_learn_on_all_batches_together() -> None:
     digits = load_dataset("builtin:digits").images
-    pca = PCA(backbone("mlp", 1, 8), 32, len(digits), components=6)
+    pca = PCA(PCAParams(name="pca", components=6), context("mlp", 1, 8, len(digits)))
     for step, start in enumerate(range(0, 600, 150)):
         pca(Batch(digits[start : start + 150], torch.arange(150), step, AUGMENT))
     reference = ReferencePCA(n_components=6).fit(digits[:600].flatten(1).double().numpy())

@@ -12,58 +12,82 @@ from typing import Any
 import pytest
 import torch
 
+from pipelines.params import DAEParams, LangevinEBMParams, RBMParams, VAEParams
 from tests.latent_ranks import part_results, register_part
 from tests.resume import straight_halfway_resumed
 from workers import dist
 from workers.augment import build_augment
 from workers.data import load_dataset
 from workers.encoders import build_encoder
-from workers.methods import Batch, Method
+from workers.methods import Batch, Method, MethodContext
 from workers.methods.dae import DAE
 from workers.methods.ebm_langevin import LangevinEBM
 from workers.methods.rbm import RBM
 from workers.methods.vae import VAE
+from workers.step import Training
 
 AUGMENT = build_augment("none", 8, 0, 0)
 BATCH = 16
 
 
-def mlp() -> torch.nn.Module:
-    return build_encoder({"arch": "mlp", "in_channels": 1, "image_size": 8, "out_dim": 8})
+def on_mlp() -> MethodContext:
+    """An MLP backbone on 8x8 digits, 8 features wide."""
+    backbone = build_encoder({"arch": "mlp", "in_channels": 1, "image_size": 8, "out_dim": 8})
+    return MethodContext(backbone, feature_dim=8, num_samples=0)
 
+
+def dae(corruption: str) -> DAEParams:
+    return DAEParams(
+        name="dae",
+        corruption=corruption,
+        noise_std=0.3,
+        mask_ratio=0.5,
+        mask_patch=2,
+        hidden_dim=32,
+    )
+
+
+def rbm(persistent: bool) -> RBMParams:
+    return RBMParams(name="rbm", hidden=16, cd_steps=1, persistent=persistent, chains=8)
+
+
+EBM = LangevinEBMParams(
+    name="ebm_langevin",
+    langevin_steps=3,
+    step_size=0.01,
+    noise_std=0.1,
+    buffer_size=32,
+    reinit_fraction=1.0,
+    energy_penalty=0.1,
+    energy_limit=1e4,
+)
 
 # name -> constructor; every one of them draws noise inside its training step.
 NOISY: dict[str, Callable[[], Method]] = {
-    "dae_noise": lambda: DAE(mlp(), 8, 0, "noise", 0.3, 0.5, 2, 32),
-    "dae_mask": lambda: DAE(mlp(), 8, 0, "mask", 0.3, 0.5, 2, 32),
-    "vae": lambda: VAE(mlp(), 8, 0, latent_dim=4, beta=1.0, hidden_dim=32),
-    "rbm_cd": lambda: RBM(mlp(), 8, 0, hidden=16, cd_steps=1, persistent=False, chains=8),
-    "rbm_pcd": lambda: RBM(mlp(), 8, 0, hidden=16, cd_steps=1, persistent=True, chains=8),
+    "dae_noise": lambda: DAE(dae("noise"), on_mlp()),
+    "dae_mask": lambda: DAE(dae("mask"), on_mlp()),
+    "vae": lambda: VAE(VAEParams(name="vae", latent_dim=4, beta=1.0, hidden_dim=32), on_mlp()),
+    "rbm_cd": lambda: RBM(rbm(persistent=False), on_mlp()),
+    "rbm_pcd": lambda: RBM(rbm(persistent=True), on_mlp()),
     # Every negative starts from fresh noise, so only the noise can tell two ranks apart (each
     # rank's own replay-buffer slice would differ anyway).
-    "ebm": lambda: LangevinEBM(mlp(), 8, 0, 3, 0.01, 0.1, 32, 1.0, 0.1, 1e4),
+    "ebm": lambda: LangevinEBM(EBM, on_mlp()),
 }
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def build(name: str, seed: int) -> tuple[Method, torch.optim.Optimizer]:
+def build(name: str, seed: int) -> Training:
     torch.manual_seed(seed)
     method = NOISY[name]()
-    return method, torch.optim.Adam(method.parameters(), lr=1e-2)
+    return Training.of(method, torch.optim.Adam(method.parameters(), lr=1e-2), AUGMENT, seed=7)
 
 
-def train_steps(
-    method: Method, optimizer: torch.optim.Optimizer, steps: range, images: torch.Tensor
-) -> None:
+def train_steps(training: Training, steps: range, images: torch.Tensor) -> None:
     for step in steps:
         indices = (torch.arange(BATCH) + BATCH * step) % len(images)
-        loss = method(Batch(images[indices], indices, step, AUGMENT, seed=7))["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        method.after_optimizer_step()
+        training.train_step(images[indices], indices)
 
 
 def digits() -> torch.Tensor:
@@ -88,7 +112,7 @@ def one_step_losses(seed: int) -> dict[str, float]:
     images = digits()[:BATCH]
     losses = {}
     for name in NOISY:
-        method, _ = build(name, seed=0)
+        method = build(name, seed=0).method
         batch = Batch(images, torch.arange(BATCH), 5, AUGMENT, seed=seed)
         losses[name] = method(batch)["loss"].item()
     return losses
@@ -129,7 +153,7 @@ def test_per_worker_samples_refuse_a_checkpoint_of_another_number_of_workers() -
     """A 1-worker run cannot resume the replay buffer / persistent chains that 2 workers
     wrote (rank r owns rows r * per_rank ...): a clear error, not a shape mismatch."""
     for name in ("ebm", "rbm_pcd"):
-        method, _ = build(name, seed=0)
+        method = build(name, seed=0).method
         state = method.state_dict()
         (key,) = [key for key in state if key.endswith(".samples")]
         two_workers = {**state, key: torch.cat([state[key], state[key]])}

@@ -10,11 +10,12 @@ import pytest
 import torch
 from sklearn.decomposition import sparse_encode
 
+from pipelines.params import ConvSparseCodingParams, SparseCodingParams
 from workers import sparse
 from workers.augment import build_augment
 from workers.data import load_dataset
 from workers.encoders import build_encoder
-from workers.methods import Batch
+from workers.methods import Batch, MethodContext
 from workers.methods.conv_sparse_coding import ConvSparseCoding
 from workers.methods.sparse_coding import SparseCoding
 
@@ -138,18 +139,24 @@ def test_atoms_have_unit_norm_after_every_dictionary_step() -> None:
     torch.manual_seed(0)
     images = load_dataset("builtin:digits").images[:64]
     backbone = build_encoder({"arch": "mlp", "in_channels": 1, "image_size": 8, "out_dim": 4})
+    context = MethodContext(backbone, feature_dim=4, num_samples=64)
+    sparse_coding = SparseCodingParams(
+        name="sparse_coding", atoms=32, lam=0.5, solver="fista", tol=1e-3, max_iter=50
+    )
+    conv_sparse_coding = ConvSparseCodingParams(
+        name="conv_sparse_coding", kernels=4, kernel_size=5, lam=0.5, tol=1e-2, max_iter=20, pool=2
+    )
     methods = [
-        (
-            SparseCoding(backbone, 4, 64, atoms=32, lam=0.5, solver="fista", tol=1e-3, max_iter=50),
-            1,
-        ),
-        (ConvSparseCoding(backbone, 4, 64, 4, 5, lam=0.5, tol=1e-2, max_iter=20, pool=2), 0),
+        (SparseCoding(sparse_coding, context), 1),
+        (ConvSparseCoding(conv_sparse_coding, context), 0),
     ]
     augment = build_augment("none", 8, 0, 0)
     for method, atom_dim in methods:
         atoms = next(method.parameters())
         optimizer = torch.optim.SGD(method.parameters(), lr=0.5)  # large steps: norms drift
         for step in range(4):
+            # The step by hand, not Training.train_step: the atoms' norms are checked between
+            # the optimizer's step and after_optimizer_step, which puts them back to 1.
             loss = method(
                 Batch(images[16 * step : 16 * (step + 1)], torch.arange(16), step, augment)
             )

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 import selfsup
 from pipelines import tags
 from pipelines.registry import register_encoder
-from pipelines.spec import load_spec_text, read_yaml
+from pipelines.spec import EncoderSpec, load_spec_text, read_yaml
 from service.registry import (
     PromotionRefused,
     Reference,
@@ -27,7 +27,7 @@ from service.registry import (
     metric_value,
 )
 from tests.conftest import Stack
-from workers.encoders import backbone_config, build_encoder
+from workers.encoders import build_encoder
 from workers.export import EncoderLoadError, save_encoder
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "simclr-digits.yaml"
@@ -137,7 +137,7 @@ def test_promotion_refuses_a_worse_version_unless_forced(stack: Stack, job: dict
     client = MlflowClient(stack.tracking_uri)
     run_id = client.create_run(client.get_run(job["mlflow_run_id"]).info.experiment_id).info.run_id
     encoder_dir = stack.home / "random-encoder"
-    save_encoder(encoder_dir, build_encoder(backbone_config("small-convnet", 1, 8, 128)))
+    save_encoder(encoder_dir, build_encoder(EncoderSpec().config(in_channels=1, image_size=8)))
     worse = f"{first - 0.1:.6f}"
     for version_tags in ({"eval.linear.top1": worse}, {}):  # versions 2 and 3 (unscored)
         register_encoder(
@@ -228,7 +228,7 @@ def test_unknown_and_broken_encoders_give_clear_errors(
         selfsup.load_encoder("models:/nothing@champion", tracking_uri=stack.tracking_uri)
 
     folder = tmp_path / "broken"
-    save_encoder(folder, build_encoder(backbone_config("small-convnet", 1, 8, 128)))
+    save_encoder(folder, build_encoder(EncoderSpec().config(in_channels=1, image_size=8)))
     weights = folder / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     result = stack.cli("eval", str(folder), "--data", "builtin:digits")
@@ -252,7 +252,7 @@ def test_the_driver_skips_label_based_evaluation_for_unlabelled_data(
     client = MlflowClient(stack.tracking_uri)
     run_id = client.create_run(client.get_run(job["mlflow_run_id"]).info.experiment_id).info.run_id
     dataset = load_dataset("builtin:spiral")
-    encoder = build_encoder(backbone_config("mlp", 2, 1, 16))
+    encoder = build_encoder(EncoderSpec(arch="mlp", out_dim=16).config(2, 1))
     assert driver._evaluate(spec, encoder, dataset, client, run_id) is None
     note = client.get_run(run_id).data.tags[tags.EVAL_SKIPPED]
     assert "builtin:spiral has no labels" in note and "skipped" in note

@@ -50,7 +50,7 @@ def test_config_hash_ignores_scheduling_but_not_training() -> None:
         ("train", "lr", "fast", "train.lr"),
         ("train", "epochs", 2.5, "train.epochs"),
         ("resources", "workers", 0, "resources.workers"),
-        ("method", "name", "byol", "method"),
+        ("method", "name", "byol9000", "method"),  # no such method
         ("method", "temperature", 0, "method.temperature"),
         ("data", "source", "builtin:cifar10", "data"),
         ("data", "source", "ftp://host/x", "data"),

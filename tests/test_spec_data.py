@@ -12,15 +12,14 @@ from pydantic import TypeAdapter
 from pipelines.spec import (
     SOURCE_OPTIONS,
     JobSpec,
-    MethodParams,
+    MethodSection,
     SpecError,
     parse_spec,
     train_size,
 )
-from workers.augment import build_augment
 from workers.data import load_data_section
-from workers.encoders import backbone_config, build_encoder
-from workers.methods import METHODS, Batch, build_method
+from workers.methods import METHODS
+from workers.step import build_training
 
 BATCH = 64
 
@@ -100,17 +99,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def one_step(job: dict[str, Any]) -> None:
     """Build the method as the train loop does and take one training step on the spiral."""
-    torch.manual_seed(0)
-    data = parse_spec({"name": "data", "method": {"name": "kmeans"}, "data": job["data"]}).data
-    dataset = load_data_section(data.model_dump(mode="json"))
-    config = backbone_config(
-        job["encoder"]["arch"], dataset.in_channels, dataset.image_size, job["encoder"]["out_dim"]
-    )
-    method = build_method(job["method"], build_encoder(config), config["out_dim"], train_size(data))
-    augment = build_augment(job["augment"]["preset"], dataset.image_size, 0, 0)
-    outputs = method(Batch(dataset.images[:BATCH], torch.arange(BATCH), 0, augment))
-    if outputs["loss"].requires_grad:
-        outputs["loss"].backward()
+    # Each section validated, the checks across sections (what parse_spec adds) not: the
+    # spec the workers would get had it been accepted.
+    spec = JobSpec.model_validate({"name": "data", **job, "train": {"batch_size": BATCH}})
+    dataset = load_data_section(spec.data.model_dump(mode="json"))
+    shape = (dataset.in_channels, dataset.image_size)
+    training = build_training(spec, shape, train_size(spec.data), 1, torch.device("cpu"))
+    training.train_step(dataset.images[:BATCH], torch.arange(BATCH))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -128,7 +123,7 @@ def test_points_are_accepted_exactly_when_the_method_trains_on_them(
         accepted = False
     # What the spec would have given the workers, rejected or not: the method's defaults.
     job = {
-        "method": TypeAdapter(MethodParams).validate_python({"name": method}).model_dump(),
+        "method": TypeAdapter(MethodSection).validate_python({"name": method}).model_dump(),
         "encoder": {"arch": arch, "out_dim": 16},
         "data": data,
         "augment": {"preset": preset},
