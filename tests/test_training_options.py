@@ -149,6 +149,9 @@ def test_global_batchnorm_on_two_ranks_equals_one_batchnorm_on_the_whole_batch(
     local = batchnorm_net()(images[:LOCAL]).detach()
     assert not torch.allclose(local, out[:LOCAL].detach(), atol=1e-3)
     assert isinstance(convert_to_global_batchnorm(batchnorm_net())[1], GlobalBatchNorm)
+    # A frozen copy (an EMA target) stays frozen, else DDP waits for gradients it never gets.
+    frozen = convert_to_global_batchnorm(batchnorm_net().requires_grad_(False))
+    assert not any(parameter.requires_grad for parameter in frozen.parameters())
 
 
 # ---- the spec's encoder fields -----------------------------------------------------------

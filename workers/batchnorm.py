@@ -67,6 +67,9 @@ def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
                 **({"device": like.device, "dtype": like.dtype} if like is not None else {}),
             )
             replacement.load_state_dict(child.state_dict())
+            # A frozen copy (an EMA target, a key encoder) stays frozen.
+            if child.affine:
+                replacement.requires_grad_(child.weight.requires_grad)
             setattr(module, name, replacement)
         else:
             convert_to_global_batchnorm(child)

@@ -81,7 +81,8 @@ class Training:
         fp32: what tests and benchmarks train by hand. ``model``: the method's DDP wrapper."""
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         precision = Precision("cpu", None, None)
-        return cls(model or method, method, optimizer, scheduler, precision, augment, seed)
+        wrapped = model if model is not None else method
+        return cls(wrapped, method, optimizer, scheduler, precision, augment, seed)
 
     def train_step(self, images: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step on this rank's batch; returns the method's outputs (``loss``
