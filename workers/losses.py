@@ -117,6 +117,7 @@ def info_nce_loss(
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
+@full_precision
 def negative_cosine_similarity(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """SimSiam's D with a stop-gradient on the target (Chen & He 2021):
 
