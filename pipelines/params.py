@@ -206,6 +206,9 @@ class DINOParams(MethodParams):
     hidden_dim: PositiveInt = 512
     bottleneck_dim: PositiveInt = 128
     prototypes: Annotated[int, Field(gt=1, le=262_144)] = 4096  # K, the head's output width
+    # BatchNorm in the head's MLP (the paper code's use_bn_in_head): without it a small
+    # convnet's features, which all point one way at init, collapse to uniform targets.
+    head_batchnorm: bool = False
     student_temperature: PositiveFloat = 0.1
     teacher_temperature: PositiveFloat = 0.04  # reached after the warm-up
     warmup_teacher_temperature: PositiveFloat = 0.04
@@ -228,6 +231,15 @@ class DINOParams(MethodParams):
                     "method.local_crop_size",
                     f"{self.local_crop_size} exceeds the {spec.data.image_size}-pixel images "
                     f"of {spec.data.source}",
+                )
+            ]
+        config = spec.encoder.config(spec.data.channels, spec.data.image_size)
+        patch = config.get("patch_size", 1)  # ViTs only
+        if self.local_crop_size % patch:
+            return [
+                (
+                    "method.local_crop_size",
+                    f"{self.local_crop_size} is not a multiple of the ViT's patch_size {patch}",
                 )
             ]
         return []

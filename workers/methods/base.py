@@ -79,6 +79,8 @@ class MethodContext:
     feature_dim: int  # the backbone's output width
     num_samples: int  # the training set's size, for per-sample state such as a memory bank
     total_steps: int = 1  # optimizer steps of the whole run, for per-step schedules
+    steps_per_epoch: int = 1  # optimizer steps per epoch, for schedules set in epochs
+    augment_preset: str = "none"  # augment.preset, for methods that crop their own views
 
 
 METHODS: dict[str, type[Method]] = {}
