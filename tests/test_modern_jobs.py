@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
+import selfsup
 from pipelines.registry import register_encoder
 from pipelines.spec import parse_spec, read_yaml
 from tests.conftest import Stack
@@ -96,6 +99,13 @@ def test_method_runs_the_full_job_path(stack: Stack, tmp_path: Path, method: str
     assert 0.1 < run.data.metrics["eval.linear.top1"] <= 1
     (checkpoint,) = {p.parent for p in (stack.home / "runs" / job_id).glob(f"*/{REFERENCE_FILE}")}
     assert_loads_and_reproduces(document["name"], stack.tracking_uri, checkpoint)
+    # `encoder get` writes a folder that loads on its own: JSON config + safetensors.
+    folder = tmp_path / "encoder"
+    stack.cli("encoder", "get", f"{document['name']}@candidate", "-o", str(folder), check=True)
+    reference = load_file(str(checkpoint / REFERENCE_FILE))
+    with torch.no_grad():
+        features = selfsup.load_encoder(str(folder))(reference["images"])
+    torch.testing.assert_close(features, reference["features"], rtol=1e-5, atol=1e-5)
 
 
 def in_process_jobs(folder: Path) -> list[dict[str, Any]]:
