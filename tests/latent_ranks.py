@@ -22,9 +22,16 @@ _PARTS: dict[str, tuple[Callable[[Any], Any], Callable[[Path], Any]]] = {}
 _RESULTS: dict[str, list[Any]] = {}
 
 
+def _no_arguments(folder: Path) -> None:
+    return None
+
+
 def register_part(
-    name: str, on_each_rank: Callable[[Any], Any], make_args: Callable[[Path], Any]
+    name: str,
+    on_each_rank: Callable[[Any], Any],
+    make_args: Callable[[Path], Any] = _no_arguments,
 ) -> None:
+    """``on_each_rank(make_args(folder))`` runs on every rank of the shared run."""
     _PARTS[name] = (on_each_rank, make_args)
 
 

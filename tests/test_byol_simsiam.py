@@ -244,11 +244,7 @@ def on_each_rank(_: None) -> dict[str, Any]:
     return {name: train(method, local, wrap=True) for name, method in methods().items()}
 
 
-def no_arguments(folder: Path) -> None:
-    return None
-
-
-register_part("byol_simsiam", on_each_rank, no_arguments)
+register_part("byol_simsiam", on_each_rank)
 
 
 @pytest.fixture(scope="module")

@@ -226,11 +226,7 @@ def on_each_rank(_: None) -> dict[str, Any]:
     return train_on(small_dino(), batches, wrap=True)
 
 
-def no_arguments(folder: Path) -> None:
-    return None
-
-
-register_part("dino", on_each_rank, no_arguments)
+register_part("dino", on_each_rank)
 
 
 @pytest.fixture(scope="module")

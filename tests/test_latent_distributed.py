@@ -9,7 +9,6 @@ through tests/latent_ranks.py); each test checks one property of it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,11 +87,7 @@ def on_each_rank(_: None) -> dict[str, Any]:
     return {"states": states, "chains_before": before, "chains_after": rbm.chains.samples}
 
 
-def no_arguments(folder: Path) -> None:
-    return None
-
-
-register_part("distributed", on_each_rank, no_arguments)
+register_part("distributed", on_each_rank)
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-import ray.train
 import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
 
-import selfsup
 from pipelines.registry import register_encoder
-from pipelines.spec import parse_spec, read_yaml
+from pipelines.spec import read_yaml
 from tests.conftest import Stack
-from tests.latent_ranks import part_results, register_part
-from workers.train_loop import ENCODER_DIR, REFERENCE_FILE, train_loop_per_worker
+from tests.train_loop_runs import (
+    Runs,
+    assert_loads_and_reproduces,
+    register_train_loops,
+    train_loop_runs,
+)
+from workers.train_loop import ENCODER_DIR, REFERENCE_FILE
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ONLY_LINEAR = {"linear": True, "knn": False, "label_fractions": [], "finetune": False}
@@ -99,15 +100,6 @@ def tiny_document(method: str, table: dict) -> dict:
     return document
 
 
-def assert_loads_and_reproduces(model: str, tracking_uri: str, checkpoint: Path) -> None:
-    encoder = selfsup.load_encoder(f"models:/{model}@candidate", tracking_uri=tracking_uri)
-    assert not encoder.training
-    reference = load_file(str(checkpoint / REFERENCE_FILE))
-    with torch.no_grad():
-        features = encoder(reference["images"])
-    torch.testing.assert_close(features, reference["features"], rtol=1e-5, atol=1e-5)
-
-
 def assert_run_logged(client: MlflowClient, run_id: str, figure: str) -> None:
     """The train loop's rank 0 logged the epoch's loss and the method's picture."""
     run = client.get_run(run_id)
@@ -135,59 +127,19 @@ def test_method_runs_the_full_job_path(stack: Stack, tmp_path: Path, method: str
     assert_loads_and_reproduces(document["name"], stack.tracking_uri, checkpoint)
 
 
-def train_one_after_another(
-    jobs: list[dict[str, Any]],
-) -> tuple[list[dict[str, Any]], list[str | None]]:
-    """On each rank: the train loop for every job in turn. Returns the jobs and each one's
-    final checkpoint folder (rank 0; None on the others)."""
-    from ray.train.v2._internal.execution.context import get_train_context
-
-    folders = []
-    for job in jobs:
-        train_loop_per_worker(job)
-        checkpoint = ray.train.get_checkpoint()  # the last one this rank reported, if any
-        folders.append(checkpoint.path if checkpoint else None)
-        # Ray Train hands that checkpoint to get_checkpoint() from now on, which would make
-        # the next job resume this one: each job here starts fresh, as a new run would.
-        get_train_context().checkpoint = None
-    return jobs, folders
-
-
-def in_process_jobs(folder: Path) -> list[dict[str, Any]]:
-    """The train loop's config for each IN_PROCESS method, each with its own MLflow run in a
-    SQLite store under ``folder`` that the workers on this machine reach too."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri)
-    experiment = client.create_experiment("latent", artifact_location=str(folder / "artifacts"))
-    return [
-        {
-            "spec": parse_spec(tiny_document(method, IN_PROCESS)),
-            "run_id": client.create_run(experiment, run_name=method).info.run_id,
-            "tracking_uri": tracking_uri,
-        }
-        for method in IN_PROCESS
-    ]
-
-
-register_part("train_loop", train_one_after_another, in_process_jobs)
+register_train_loops(
+    "train_loop", lambda: {method: tiny_document(method, IN_PROCESS) for method in IN_PROCESS}
+)
 
 
 @pytest.fixture(scope="module")
-def in_process_runs(
-    ray_local: None, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, tuple[str, str, Path]]:
-    """method -> (tracking URI, MLflow run id, final checkpoint folder)."""
-    jobs, folders = part_results("train_loop", tmp_path_factory)[0]  # rank 0
-    return {
-        method: (job["tracking_uri"], job["run_id"], Path(folder))
-        for method, job, folder in zip(IN_PROCESS, jobs, folders, strict=True)
-    }
+def in_process_runs(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return train_loop_runs("train_loop", tmp_path_factory)
 
 
 @pytest.mark.parametrize("method", list(IN_PROCESS))
 def test_method_runs_the_train_loop_and_registers_a_loadable_encoder(
-    in_process_runs: dict[str, tuple[str, str, Path]], method: str
+    in_process_runs: Runs, method: str
 ) -> None:
     tracking_uri, run_id, checkpoint = in_process_runs[method]
     assert_run_logged(MlflowClient(tracking_uri), run_id, IN_PROCESS[method][-1])

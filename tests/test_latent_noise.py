@@ -131,11 +131,7 @@ def on_each_rank(_: None) -> dict[str, Any]:
     return {"rank": dist.rank(), "losses": one_step_losses(seed=3)}
 
 
-def no_arguments(folder: Path) -> None:
-    return None
-
-
-register_part("noise", on_each_rank, no_arguments)
+register_part("noise", on_each_rank)
 
 
 def test_two_ranks_draw_different_noise_at_the_same_step(

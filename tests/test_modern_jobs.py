@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -24,10 +23,14 @@ from safetensors.torch import load_file
 
 import selfsup
 from pipelines.registry import register_encoder
-from pipelines.spec import parse_spec, read_yaml
+from pipelines.spec import read_yaml
 from tests.conftest import Stack
-from tests.latent_ranks import part_results, register_part
-from tests.test_latent_jobs import assert_loads_and_reproduces, train_one_after_another
+from tests.train_loop_runs import (
+    Runs,
+    assert_loads_and_reproduces,
+    register_train_loops,
+    train_loop_runs,
+)
 from workers.train_loop import ENCODER_DIR, REFERENCE_FILE
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -108,41 +111,20 @@ def test_method_runs_the_full_job_path(stack: Stack, tmp_path: Path, method: str
     torch.testing.assert_close(features, reference["features"], rtol=1e-5, atol=1e-5)
 
 
-def in_process_jobs(folder: Path) -> list[dict[str, Any]]:
-    """The train loop's config for each IN_PROCESS method, each with its own MLflow run in a
-    SQLite store under ``folder`` that the workers on this machine reach too."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri)
-    experiment = client.create_experiment("modern", artifact_location=str(folder / "artifacts"))
-    return [
-        {
-            "spec": parse_spec(tiny_document(method, IN_PROCESS)),
-            "run_id": client.create_run(experiment, run_name=method).info.run_id,
-            "tracking_uri": tracking_uri,
-        }
-        for method in IN_PROCESS
-    ]
-
-
-register_part("modern_train_loop", train_one_after_another, in_process_jobs)
+register_train_loops(
+    "modern_train_loop",
+    lambda: {method: tiny_document(method, IN_PROCESS) for method in IN_PROCESS},
+)
 
 
 @pytest.fixture(scope="module")
-def in_process_runs(
-    ray_local: None, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, tuple[str, str, Path]]:
-    """method -> (tracking URI, MLflow run id, final checkpoint folder)."""
-    jobs, folders = part_results("modern_train_loop", tmp_path_factory)[0]  # rank 0
-    return {
-        method: (job["tracking_uri"], job["run_id"], Path(folder))
-        for method, job, folder in zip(IN_PROCESS, jobs, folders, strict=True)
-    }
+def in_process_runs(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return train_loop_runs("modern_train_loop", tmp_path_factory)
 
 
 @pytest.mark.parametrize("method", list(IN_PROCESS))
 def test_method_runs_the_train_loop_and_registers_a_loadable_encoder(
-    in_process_runs: dict[str, tuple[str, str, Path]], method: str
+    in_process_runs: Runs, method: str
 ) -> None:
     tracking_uri, run_id, checkpoint = in_process_runs[method]
     assert_logged_collapse_statistics(MlflowClient(tracking_uri), run_id)

@@ -129,7 +129,7 @@ def on_each_rank(_: None) -> dict[str, Any]:
     return batchnorm_step(images[rank * LOCAL : (rank + 1) * LOCAL])
 
 
-register_part("global_batchnorm", on_each_rank, lambda folder: None)
+register_part("global_batchnorm", on_each_rank)
 
 
 def test_global_batchnorm_on_two_ranks_equals_one_batchnorm_on_the_whole_batch(

@@ -1,0 +1,86 @@
+"""Jobs that run the real ``train_loop_per_worker`` on 2 gloo ranks inside the Ray Train run
+shared with the other distributed tests (tests/latent_ranks.py), each logging into its own
+MLflow run, and the checks that their encoders load and reproduce what training recorded.
+A full job (CLI -> controller -> Ray Job) costs ~30-40 s of start-up on 2 cores; a train
+loop here costs only its training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray.train
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+import selfsup
+from pipelines.spec import parse_spec
+from tests.latent_ranks import part_results, register_part
+from workers.train_loop import REFERENCE_FILE, train_loop_per_worker
+
+Runs = dict[str, tuple[str, str, Path]]  # method -> (tracking URI, MLflow run id, checkpoint)
+
+
+def train_one_after_another(
+    jobs: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[str | None]]:
+    """On each rank: the train loop for every job in turn. Returns the jobs and each one's
+    final checkpoint folder (rank 0; None on the others)."""
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    folders = []
+    for job in jobs:
+        train_loop_per_worker(job)
+        checkpoint = ray.train.get_checkpoint()  # the last one this rank reported, if any
+        folders.append(checkpoint.path if checkpoint else None)
+        # Ray Train hands that checkpoint to get_checkpoint() from now on, which would make
+        # the next job resume this one: each job here starts fresh, as a new run would.
+        get_train_context().checkpoint = None
+    return jobs, folders
+
+
+def _jobs(folder: Path, documents: dict[str, dict]) -> list[dict[str, Any]]:
+    """The train loop's config for each spec document, each with its own MLflow run in a
+    SQLite store under ``folder`` that the workers on this machine reach too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("jobs", artifact_location=str(folder / "artifacts"))
+    return [
+        {
+            "spec": parse_spec(document),
+            "run_id": client.create_run(experiment, run_name=method).info.run_id,
+            "tracking_uri": tracking_uri,
+            "method": method,  # the table's key; the train loop reads the three above
+        }
+        for method, document in documents.items()
+    ]
+
+
+def register_train_loops(part: str, documents: Callable[[], dict[str, dict]]) -> None:
+    """Run the train loop of every ``documents()`` spec (method -> document) as part
+    ``part`` of the shared Ray Train run."""
+    register_part(part, train_one_after_another, lambda folder: _jobs(folder, documents()))
+
+
+def train_loop_runs(part: str, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """What part ``part`` trained: method -> (tracking URI, run id, final checkpoint)."""
+    jobs, folders = part_results(part, tmp_path_factory)[0]  # rank 0
+    return {
+        job["method"]: (job["tracking_uri"], job["run_id"], Path(folder))
+        for job, folder in zip(jobs, folders, strict=True)
+    }
+
+
+def assert_loads_and_reproduces(model: str, tracking_uri: str, checkpoint: Path) -> None:
+    """``selfsup.load_encoder`` gives, in eval mode, the features the final checkpoint
+    recorded for its reference images."""
+    encoder = selfsup.load_encoder(f"models:/{model}@candidate", tracking_uri=tracking_uri)
+    assert not encoder.training
+    reference = load_file(str(checkpoint / REFERENCE_FILE))
+    with torch.no_grad():
+        features = encoder(reference["images"])
+    torch.testing.assert_close(features, reference["features"], rtol=1e-5, atol=1e-5)
