@@ -270,6 +270,17 @@ class JobSpec(Section):
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
     max_retries: Annotated[int, Field(ge=0, le=100)] = 0
 
+    @model_validator(mode="after")
+    def _resolve_encoder(self) -> JobSpec:
+        """Fill in what the encoder's defaults mean for this data (the ResNet stem, the ViT
+        patch), so that MLflow's params and the config hash say what actually trains."""
+        resolved = self.encoder.config(self.data.channels, self.data.image_size)
+        if "stem" in resolved:
+            self.encoder.stem = resolved["stem"]
+        if "patch_size" in resolved:
+            self.encoder.patch_size = resolved["patch_size"]
+        return self
+
     def config_hash(self) -> str:
         """A stable hash of everything that shapes the result (not priority or retries)."""
         shaping = self.model_dump(mode="json", exclude={"priority", "max_retries", "registration"})
@@ -295,6 +306,11 @@ class JobSpec(Section):
             data.pop(source)
         if self.data.options:
             data[self.data.dataset] = self.data.options
+        # The stem and the patch size are logged for the archs they apply to only.
+        applies = self.encoder.config(self.data.channels, self.data.image_size)
+        for key in ("stem", "patch_size"):
+            if key not in applies:
+                document["encoder"].pop(key)
         walk("", document)
         return flat
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.spec import SpecError, load_spec_text, parse_spec, read_yaml
+from pipelines.spec import EncoderSpec, SpecError, load_spec_text, parse_spec, read_yaml
 from tests.latent_ranks import part_results, register_part
 from workers import dist
 from workers.batchnorm import GlobalBatchNorm, convert_to_global_batchnorm
 from workers.collapse import embedding_health
-from workers.data import load_dataset
+from workers.data import load_data_section, load_dataset
+from workers.methods import METHODS
 from workers.step import build_training
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -182,11 +183,15 @@ def test_bad_encoder_fields_name_the_field(encoder: dict, field: str, message: s
 
 
 def test_encoder_config_fills_widths_stems_and_patches() -> None:
-    resnet = parse_spec(document(encoder={"arch": "resnet50"})).encoder
-    assert resnet.out_dim == 2048
-    assert resnet.config(3, 32)["stem"] == "cifar"
-    assert resnet.config(3, 96)["stem"] == "imagenet"
-    vit = parse_spec(document(encoder={"arch": "vit-small"})).encoder
+    resnet = parse_spec(document(encoder={"arch": "resnet50"}))
+    assert resnet.encoder.out_dim == 2048
+    # Resolved for the data at parse time, so MLflow's params say what trains.
+    assert resnet.encoder.stem == "cifar"  # 8x8 digits
+    assert resnet.flat_params()["encoder.stem"] == "cifar"
+    assert "encoder.patch_size" not in resnet.flat_params()
+    assert EncoderSpec(arch="resnet50").config(3, 96)["stem"] == "imagenet"
+    vit = EncoderSpec(arch="vit-small")
+    assert parse_spec(document(encoder={"arch": "vit-small"})).encoder.patch_size == 1  # 8 / 8
     assert vit.config(3, 32) == {
         "arch": "vit-small",
         "in_channels": 3,
@@ -194,3 +199,20 @@ def test_encoder_config_fills_widths_stems_and_patches() -> None:
         "out_dim": 384,
         "patch_size": 4,
     }
+
+
+def example_of(method: str) -> Path:
+    """The method's digits example, or its only example."""
+    digits = EXAMPLES / f"{method}-digits.yaml"
+    return digits if digits.exists() else next(EXAMPLES.glob(f"{method}-*.yaml"))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_takes_a_finite_bf16_step(method: str) -> None:
+    spec = load_spec_text(example_of(method).read_text())
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"precision": "bf16"})})
+    dataset = load_data_section(spec.data.model_dump(mode="json"))
+    batch = min(spec.train.batch_size, 256)  # k-means starts from a whole global batch
+    training = build_training(spec, (dataset.in_channels, dataset.image_size), 1000, 10, CPU)
+    outputs = training.train_step(dataset.samples[:batch], torch.arange(batch))
+    assert all(torch.isfinite(value).all() for value in outputs.values()), outputs

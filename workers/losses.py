@@ -13,13 +13,16 @@ from workers import dist
 
 def full_precision(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Compute ``loss`` in float32 outside autocast (``train.precision`` bf16/fp16): softmaxes
-    over similarities, logs and sums of squares lose too much in 16 bits, and the loss is a
-    small part of a step's cost. Floating tensor arguments are cast to float32."""
+    over similarities, logs and sums over the global batch lose too much in 16 bits (bf16's
+    8-bit mantissa rounds Barlow Twins' diagonal to ~4e-3), and the loss is a small part of
+    a step's cost. Floating tensor arguments are promoted to at least float32."""
 
     @functools.wraps(loss)
     def in_float32(*args: object, **kwargs: object) -> torch.Tensor:
         args = tuple(
-            arg.float() if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg
+            arg.to(torch.promote_types(arg.dtype, torch.float32))
+            if isinstance(arg, torch.Tensor) and arg.is_floating_point()
+            else arg
             for arg in args
         )
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
@@ -145,6 +148,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return 2.0 * (1.0 + negative_cosine_similarity(p, z))
 
 
+@full_precision
 def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """MAE's reconstruction loss: the per-patch mean squared error, averaged over the masked
     patches only (the visible ones are copied from the input, not learnt from):
@@ -172,6 +176,7 @@ def _off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.flatten()[:-1].view(d - 1, d + 1)[:, 1:]
 
 
+@full_precision
 def barlow_twins_loss(
     z_a: torch.Tensor, z_b: torch.Tensor, off_diagonal_weight: float
 ) -> dict[str, torch.Tensor]:
@@ -205,6 +210,7 @@ def barlow_twins_loss(
     }
 
 
+@full_precision
 def vicreg_loss(
     z_a: torch.Tensor,
     z_b: torch.Tensor,
@@ -245,6 +251,7 @@ def vicreg_loss(
     return {"loss": loss, "invariance": invariance, "variance": variance, "covariance": covariance}
 
 
+@full_precision
 def dino_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,

@@ -36,12 +36,10 @@ def projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 
 
 def embed_views(backbone: nn.Module, head: nn.Module, batch: Batch) -> list[torch.Tensor]:
-    """Both views' embeddings, (n, d) each, in fp32 at least. One pass per view, as in both
-    papers' code, so that BatchNorm normalises each view with its own statistics. At least
-    fp32 because the losses' statistics are sums over the global batch: under bf16 autocast
-    the diagonal of C would be rounded to ~4e-3 (8 bits of mantissa)."""
-    views = [head(backbone(batch.view(number))) for number in (0, 1)]
-    return [z.to(torch.promote_types(z.dtype, torch.float32)) for z in views]
+    """Both views' embeddings, (n, d) each. One pass per view, as in both papers' code, so
+    that BatchNorm normalises each view with its own statistics. (The losses run in float32
+    at least whatever ``train.precision`` is: ``workers.losses.full_precision``.)"""
+    return [head(backbone(batch.view(number))) for number in (0, 1)]
 
 
 @register_method(BarlowTwinsParams)
@@ -54,8 +52,7 @@ class BarlowTwins(Method):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         z_a, z_b = embed_views(self.backbone, self.head, batch)  # (n, d) each
-        with torch.autocast(z_a.device.type, enabled=False):
-            terms = barlow_twins_loss(z_a, z_b, self.off_diagonal_weight)
+        terms = barlow_twins_loss(z_a, z_b, self.off_diagonal_weight)
         return {key: value if key == "loss" else value.detach() for key, value in terms.items()}
 
     def encoder(self) -> nn.Module:

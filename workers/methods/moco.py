@@ -44,7 +44,7 @@ def enqueue(queue: torch.Tensor, pointer: torch.Tensor, keys: torch.Tensor) -> N
     wrapping around, and advance the pointer: O(n), and correct for any n <= K, so a batch
     shorter than the others cannot leave a stale gap or run past the end."""
     slots = (pointer + torch.arange(len(keys), device=queue.device)) % len(queue)  # (n,)
-    queue[slots] = keys
+    queue[slots] = keys.to(queue.dtype)  # keys made under autocast are bf16/fp16
     pointer.copy_((pointer + len(keys)) % len(queue))
 
 

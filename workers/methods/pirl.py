@@ -64,7 +64,7 @@ def update_bank(
     """
     unique, inverse = torch.unique(indices, return_inverse=True)  # (u,), (b,)
     sums = torch.zeros(len(unique), bank.shape[1], device=bank.device, dtype=bank.dtype)
-    sums.index_add_(0, inverse, embeddings)
+    sums.index_add_(0, inverse, embeddings.to(bank.dtype))  # autocast's bf16/fp16 too
     counts = torch.bincount(inverse, minlength=len(unique)).unsqueeze(1)  # (u, 1)
     mixed = momentum * bank[unique] + (1.0 - momentum) * (sums / counts)
     bank[unique] = F.normalize(mixed, dim=1)
