@@ -26,11 +26,17 @@ import math
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+# Threads that wait for work yield the core instead of spinning: on a shared machine a spinning
+# torch thread burns CPU time while its partner is descheduled, which inflated a ResNet step's
+# process CPU time 2x under load here. Set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from benchmarks.bench_contrastive import interleaved_step_times, ready_step
 from benchmarks.contrastive_inprocess import example_spec, in_process
@@ -50,7 +56,7 @@ REFERENCE = "simclr"
 METHODS = (REFERENCE, "byol", "simsiam", "barlow_twins", "vicreg", "dino", "mae")
 PARTS = ("digits", "patches", "speed")
 THREADS = 2
-PATCHES = {"size": 32, "count": 3000, "seed": 0, "channels": 3, "labelled": True}
+PATCHES = {"size": 32, "count": 2000, "seed": 0, "channels": 3, "labelled": True}
 PATCH_BATCH = 64
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results-modern.md"
@@ -151,10 +157,16 @@ def train_within(spec: JobSpec, budget: float, calibration_steps: int) -> tuple[
 
 
 def setting_rows(
-    specs: list[JobSpec], budget: float, calibration_steps: int, state: dict, fresh: bool
+    specs: list[JobSpec],
+    budget: float,
+    calibration_steps: int,
+    state: dict,
+    fresh: bool,
+    saved: Callable[[], None],
 ) -> None:
     """Baselines (unless already in ``state`` and not ``fresh``) and each spec trained within
-    ``budget`` and probed, into ``state`` (rows by name), printed as they come."""
+    ``budget`` and probed, into ``state`` (rows by name), printed and ``saved`` as they
+    come."""
     data = specs[0].data
     dataset = load_data_section(data.model_dump(mode="json"))
     split = split_dataset(dataset, data.test_fraction, data.split_seed)
@@ -180,7 +192,7 @@ def setting_rows(
         row, stats = train_within(spec, budget, calibration_steps)
         rows[row.encoder] = {"accuracies": row.accuracies, "budget": row.budget, **stats}
         print(row, flush=True)
-        save(state_root(state))
+        saved()
 
 
 def step_costs(specs: dict[str, JobSpec], steps: int, warmup: int) -> str:
@@ -217,15 +229,8 @@ def _arch(spec: JobSpec) -> str:
     return f"{spec.encoder.arch}{extra}"
 
 
-# The results of every run so far, so that a method re-run alone merges into the rest.
-_STATE: dict = {}
-
-
-def state_root(_: dict) -> dict:
-    return _STATE
-
-
 def save(state: dict) -> None:
+    """The results of every run so far, so that a method re-run alone merges into the rest."""
     STATE.write_text(json.dumps(state, indent=1))
 
 
@@ -249,8 +254,7 @@ def ordered_rows(setting: dict) -> list[Row]:
 
 def _paired(row: Row, other: Row, fraction: float) -> tuple[float, str]:
     differences = [
-        a - b
-        for a, b in zip(row.accuracies[fraction], other.accuracies[fraction], strict=True)
+        a - b for a, b in zip(row.accuracies[fraction], other.accuracies[fraction], strict=True)
     ]
     mean = 100 * statistics.fmean(differences)
     if len(differences) == 1:
@@ -268,7 +272,10 @@ def losses_to_baselines(setting: dict) -> str:
         if name not in rows:
             continue
         row, arch = rows[name], stats[name]["spec"]["encoder"]["arch"]
-        comparisons = [("raw pixels", rows["raw pixels"]), (f"random {arch}", rows[f"random {arch}"])]
+        comparisons = [
+            ("raw pixels", rows["raw pixels"]),
+            (f"random {arch}", rows[f"random {arch}"]),
+        ]
         if name != REFERENCE and REFERENCE in rows:
             comparisons.append(("SimCLR", rows[REFERENCE]))
         for label, other in comparisons:
@@ -289,10 +296,13 @@ def spec_lines(setting: dict) -> str:
     for name in METHODS:
         if name in setting["rows"]:
             spec = setting["rows"][name]["spec"]
+            encoder = spec["encoder"]
+            if not encoder["arch"].startswith("resnet"):
+                encoder = {key: value for key, value in encoder.items() if key != "stem"}
             lines.append(
                 f"- {name}: `{json.dumps(spec['method'], separators=(',', ':'))}`, "
                 f"`{json.dumps(spec['train'], separators=(',', ':'))}`, encoder "
-                f"`{json.dumps(spec['encoder'], separators=(',', ':'))}`"
+                f"`{json.dumps(encoder, separators=(',', ':'))}`"
             )
     return "\n".join(lines)
 
@@ -335,11 +345,14 @@ def render(state: dict) -> str:
             + NOTES[setting]
         )
     speed = "\n\n".join(
-        f"{SPEED_TITLES[name]}\n\n{state['speed'][name]}" for name in SPEED_TITLES if name in state.get("speed", {})
+        f"{SPEED_TITLES[name]}\n\n{state['speed'][name]}"
+        for name in SPEED_TITLES
+        if name in state.get("speed", {})
     )
     return TEMPLATE.format(
         runs=runs,
         command=COMMAND,
+        state=STATE,
         threads=THREADS,
         torch=torch.__version__,
         sections="\n".join(sections),
@@ -360,23 +373,35 @@ def main() -> None:
     parser.add_argument("--speed-steps-resnet", type=int, default=3)
     parser.add_argument("--merge", action="store_true", help=f"keep other rows of {STATE}")
     parser.add_argument("--no-write", action="store_true", help="print, leave the doc alone")
+    parser.add_argument("--render", action="store_true", help=f"only write the doc from {STATE}")
     args = parser.parse_args()
+    if args.render:
+        DOC.write_text(render(load_state()))
+        return
 
     torch.set_num_threads(THREADS)
     start, start_cpu, load_before = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-    _STATE.update(load_state() if args.merge else {})
+    state = load_state() if args.merge else {}
     fresh = not args.merge
     for part, budget, make, calibration in (
         ("digits", args.budget, digits_spec, 3),
         ("patches", args.budget_resnet, lambda m: patches_spec(m, args.count), 2),
     ):
         if part in args.parts:
-            setting = _STATE.setdefault(part, {})
+            setting = state.setdefault(part, {})
             setting["budget"] = budget
-            setting_rows([make(m) for m in args.methods], budget, calibration, setting, fresh)
+            specs = [make(method) for method in args.methods]
+            setting_rows(
+                specs,
+                budget,
+                calibration,
+                setting,
+                fresh,
+                (lambda: None) if args.no_write else (lambda: save(state)),
+            )
             print(table(ordered_rows(setting)), flush=True)
     if "speed" in args.parts:
-        speed = _STATE.setdefault("speed", {})
+        speed = state.setdefault("speed", {})
         names = [REFERENCE, *(m for m in args.methods if m != REFERENCE)]
         speed["digits"] = step_costs(
             {m: _with_train(digits_spec(m), batch_size=256) for m in names},
@@ -388,8 +413,10 @@ def main() -> None:
             {m: patches_spec(m, args.count) for m in names}, args.speed_steps_resnet, warmup=1
         )
         print(speed["patches"], flush=True)
-    command = " ".join(["python -m benchmarks.results_modern", *os.sys.argv[1:]])
-    _STATE.setdefault("runs", []).append(
+        if not args.no_write:
+            save(state)
+    command = " ".join(["python -m benchmarks.results_modern", *sys.argv[1:]])
+    state.setdefault("runs", []).append(
         {
             "command": command.replace("python", ".venv/bin/python", 1),
             "wall_min": (time.perf_counter() - start) / 60,
@@ -400,11 +427,11 @@ def main() -> None:
             "ended": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
     )
+    print(state["runs"][-1], flush=True)
     if args.no_write:
-        print(_STATE["runs"][-1])
         return
-    save(_STATE)
-    DOC.write_text(render(_STATE))
+    save(state)
+    DOC.write_text(render(state))
     print(f"wrote {DOC}")
 
 
@@ -476,7 +503,7 @@ std, in accuracy points; a difference within about one std is noise):
 {losses}
 """
 
-TEMPLATE = """# BYOL, SimSiam, Barlow Twins, VICReg, DINO and MAE against SimCLR, at equal CPU budgets
+TEMPLATE = """# Six newer methods against SimCLR at equal CPU budgets
 
 Regenerated by `{command}` (runs below) on the 2-core development machine without a GPU,
 torch {torch} on {threads} threads, one process. Nothing below is edited by hand except
@@ -484,9 +511,24 @@ this file's template in `benchmarks/results_modern.py`.
 
 The budget is **process CPU seconds** (`time.process_time()`, both torch threads counted),
 not wall time: other processes (tests, other benchmarks) shared the 2 cores, which stretches
-wall time but barely the CPU time a step takes (barely: a torch thread that waits for its
-descheduled partner spins, and spinning counts), so every method gets the same amount of
-computation whatever the load. Wall times below are upper bounds.
+wall time but hardly the CPU time a step takes, so every method gets about the same amount of
+computation whatever the load. Hardly, because the script sets `OMP_WAIT_POLICY=PASSIVE`
+before torch loads: with OpenMP's default a torch thread that waits for its descheduled
+partner spins, and spinning counts as CPU time. Measured before the choice, under load: a
+ResNet-18 SimCLR step at batch 64 took 5.3-11.9 CPU s spinning, 5.6-5.9 CPU s passive (wall
+5.6-18 s); a digits MAE step 1.0-3.4 against 0.5. Wall times below are upper bounds.
+
+Commands (each run is listed below with its wall and CPU time, the machine's load and the
+commit of the code it ran):
+
+```sh
+{command} --budget 60 --budget-resnet 120   # everything: both settings, then the step costs
+{command} --methods dino --parts patches --merge   # re-run one method, keep the other rows
+{command} --render                                 # rewrite this file from {state}
+{command} --budget 5 --budget-resnet 10 --no-write # a smoke test
+```
+
+Runs behind the figures below:
 
 {runs}
 

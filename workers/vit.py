@@ -37,6 +37,18 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.T
     )
 
 
+def initialise_linears_and_norms(root: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every Linear under ``root``, 1/0 for every
+    LayerNorm: the transformer initialisation of MAE and timm."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: (B, N, dim) -> (B, N, dim)."""
 
@@ -111,13 +123,7 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(self.dim, -1))
         nn.init.zeros_(self.patch_embed.bias)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        initialise_linears_and_norms(self)
 
     def _patch_pos_embed(self, rows: int, cols: int) -> torch.Tensor:
         """(1, rows * cols, dim): the patch position embeddings, bicubically resized from the

@@ -24,7 +24,13 @@ from pipelines.params import MAEParams
 from workers.figures import stacked_grid
 from workers.losses import masked_patch_mse
 from workers.methods.base import Batch, Method, MethodContext, register_method
-from workers.vit import Block, VisionTransformer, patchify, unpatchify
+from workers.vit import (
+    Block,
+    VisionTransformer,
+    initialise_linears_and_norms,
+    patchify,
+    unpatchify,
+)
 
 
 def random_masking(
@@ -86,10 +92,7 @@ class MAE(Method):
         # The paper's (and the ViT's) initialisation for the decoder's weights.
         nn.init.normal_(self.mask_token, std=0.02)
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_pred):
-            for layer in module.modules():
-                if isinstance(layer, nn.Linear):
-                    nn.init.xavier_uniform_(layer.weight)
-                    nn.init.zeros_(layer.bias)
+            initialise_linears_and_norms(module)
 
     def reconstruct(
         self, images: torch.Tensor, generator: torch.Generator
