@@ -63,12 +63,6 @@ def method_params(cls: type[MethodParams]) -> type[MethodParams]:
     return cls
 
 
-def _train_images(spec: JobSpec) -> int:
-    from pipelines.spec import train_size  # the spec module imports this one
-
-    return train_size(spec.data)
-
-
 # ---- contrastive, joint embedding ---------------------------------------------------------
 
 
@@ -100,7 +94,7 @@ class MoCoParams(_Projected):
     temperature: PositiveFloat = 0.2
 
     def problems(self, spec: JobSpec) -> Problems:
-        batch, images, problems = spec.train.batch_size, _train_images(spec), []
+        batch, images, problems = spec.train.batch_size, spec.data.train_size, []
         if self.queue_size % batch:
             problems.append(
                 (
@@ -135,7 +129,7 @@ class PIRLParams(_Projected):
     loss_lambda: Annotated[float, Field(ge=0, le=1)] = 0.5
 
     def problems(self, spec: JobSpec) -> Problems:
-        images = _train_images(spec)
+        images = spec.data.train_size
         if self.num_negatives < images:
             return []
         return [

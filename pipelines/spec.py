@@ -172,6 +172,12 @@ class DataSpec(Section):
         return self.options.get("count", BUILTIN_DATASET_SIZES.get(self.dataset, 0))
 
     @property
+    def train_size(self) -> int:
+        """How many samples pretraining sees: the stratified split keeps
+        n - ceil(test_fraction * n) (scikit-learn's rounding in ``workers.data.split_indices``)."""
+        return self.size - math.ceil(self.test_fraction * self.size)
+
+    @property
     def image_size(self) -> int:
         """The side of one image (1 for vectors, which count as 1x1 images)."""
         return {"digits": 8, "spiral": 1}.get(self.dataset) or self.options["size"]
@@ -376,13 +382,6 @@ def _vector_problems(spec: JobSpec) -> Problems:
             )
         )
     return problems
-
-
-def train_size(data: DataSpec) -> int:
-    """How many images pretraining sees: the stratified split keeps n - ceil(test_fraction * n)
-    (scikit-learn's rounding in ``workers.data.split_indices``)."""
-    total = data.size
-    return total - math.ceil(data.test_fraction * total)
 
 
 def _field_path(location: tuple[int | str, ...]) -> str:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.params import BYOLParams, SimSiamParams
-from pipelines.spec import load_spec_text, train_size
+from pipelines.spec import load_spec_text
 from tests.latent_ranks import part_results, register_part
 from tests.resume import straight_halfway_resumed
 from tests.test_contrastive_dist import shifted_views, without_batchnorm
@@ -277,7 +277,7 @@ def test_short_training_on_digits_lowers_the_loss_without_collapse(
     one_thread: None, name: str
 ) -> None:
     spec = load_spec_text((EXAMPLES / f"{name}-digits.yaml").read_text())
-    images = load_dataset("builtin:digits").images[: train_size(spec.data)]
+    images = load_dataset("builtin:digits").images[: spec.data.train_size]
     batch = spec.train.batch_size // 2  # half the example's global batch: half the time
     training = build_training(spec, (1, 8), len(images), len(images) // batch, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)

@@ -19,7 +19,6 @@ from pipelines.spec import (
     load_spec_text,
     parse_spec,
     read_yaml,
-    train_size,
 )
 from tests.resume import straight_halfway_resumed
 from workers.augment import build_augment
@@ -196,7 +195,7 @@ def example(method: str) -> dict:
 def test_train_size_without_torch_matches_the_real_split(test_fraction: float) -> None:
     spec = parse_spec({**example("siamese"), "data": {"test_fraction": test_fraction}})
     labels = load_dataset("builtin:digits").labels
-    assert train_size(spec.data) == len(split_indices(labels, test_fraction, 0).train)
+    assert spec.data.train_size == len(split_indices(labels, test_fraction, 0).train)
 
 
 def moco_problems(queue_size: int, batch_size: int, test_fraction: float = 0.25) -> list:

@@ -15,7 +15,6 @@ from pipelines.spec import (
     MethodSection,
     SpecError,
     parse_spec,
-    train_size,
 )
 from workers.data import load_data_section
 from workers.methods import METHODS
@@ -104,7 +103,7 @@ def one_step(job: dict[str, Any]) -> None:
     spec = JobSpec.model_validate({"name": "data", **job, "train": {"batch_size": BATCH}})
     dataset = load_data_section(spec.data.model_dump(mode="json"))
     shape = (dataset.in_channels, dataset.image_size)
-    training = build_training(spec, shape, train_size(spec.data), 1, torch.device("cpu"))
+    training = build_training(spec, shape, spec.data.train_size, 1, torch.device("cpu"))
     training.train_step(dataset.images[:BATCH], torch.arange(BATCH))
 
 
