@@ -207,10 +207,11 @@ def example_of(method: str) -> Path:
     return digits if digits.exists() else next(EXAMPLES.glob(f"{method}-*.yaml"))
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_takes_a_finite_bf16_step(method: str) -> None:
+def test_every_method_takes_a_finite_reduced_precision_step(method: str, precision: str) -> None:
     spec = load_spec_text(example_of(method).read_text())
-    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"precision": "bf16"})})
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"precision": precision})})
     dataset = load_data_section(spec.data.model_dump(mode="json"))
     batch = min(spec.train.batch_size, 256)  # k-means starts from a whole global batch
     training = build_training(spec, (dataset.in_channels, dataset.image_size), 1000, 10, CPU)

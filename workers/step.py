@@ -43,15 +43,15 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is None:
-            if loss.requires_grad:
-                loss.backward()
+        if not loss.requires_grad:  # closed-form methods (k-means, PCA) learn in forward
             optimizer.step()
-            return
-        if loss.requires_grad:
+        elif self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
             self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
-        self.scaler.update()
+            self.scaler.step(optimizer)
+            self.scaler.update()
 
 
 @dataclass
