@@ -381,6 +381,7 @@ def main() -> None:
 
     torch.set_num_threads(THREADS)
     start, start_cpu, load_before = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    code = commit()  # the code this process loaded; HEAD may move while it runs
     state = load_state() if args.merge else {}
     fresh = not args.merge
     for part, budget, make, calibration in (
@@ -423,7 +424,7 @@ def main() -> None:
             "cpu_min": (time.process_time() - start_cpu) / 60,
             "load_before": load_before,
             "load_after": os.getloadavg()[0],
-            "commit": commit(),
+            "commit": code if commit() == code else f"{code} (HEAD {commit()} at the end)",
             "ended": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
     )
@@ -541,6 +542,48 @@ the train loop's step (forward, backward, optimizer, EMA and centre updates); a 
 other work slows them alike.
 
 {speed}
+
+## Reading (written by hand after the run that ended 2026-12-02 15:45 UTC; not regenerated)
+
+The code of that run is commit d1a068c plus the uncommitted changes of the time; the commits
+up to fab3b6b that landed while it ran changed `workers/` only in ways that leave fp32 numbers
+as they were (a shared transformer initialisation helper, the losses' float32 promotion under
+autocast). Re-read these lines against the tables if the run above is newer.
+
+- Digits, 60 CPU s each: VICReg is best at every label fraction (83.4 / 97.9 / 99.8 against
+  SimCLR's 77.3 / 96.5 / 99.6) and Barlow Twins is level with SimCLR. BYOL, SimSiam and DINO
+  are above both baselines but below SimCLR at 1% of the labels (BYOL within noise; SimSiam
+  by 10 points; DINO by 13: its step costs 2.3x SimCLR's, six views, so it took 179 steps to
+  SimCLR's 431). The budget is generous for the small convnet: it bought SimCLR 86 epochs,
+  against the 30 of its example.
+- MAE loses to every trained method and to raw pixels on digits at every fraction, and is
+  not above its own random vit-tiny at 1% or 10%. Its architecture is the first handicap: a
+  random vit-tiny on a 4x4 grid of 2x2 patches is 22 points below raw pixels at 1%, where a
+  random small convnet is 3 above; its step costs 6.6x SimCLR's at batch 256, so it took 100
+  steps (10 epochs). It learns to reconstruct (loss 0.80 -> 0.08) without making the digits
+  linearly separable, consistent with the MAE paper's finding that its features need
+  fine-tuning more than contrastive ones do.
+- Colour patches, ResNet-18, 120 CPU s each: badly undertrained, 13-27 steps of 64 (0.6-1.2
+  epochs; the losses are epoch means, so under one epoch first and last are the same number,
+  and a second epoch of 1-4 steps is a noisy mean). Raw pixels are a weak baseline here
+  (43 / 54 / 57), a random ResNet-18 a much stronger one (53 / 74 / 88). At 10% and 100% of
+  the labels every ResNet method beats the random ResNet-18, by 3-9 points (BYOL least,
+  VICReg most: 82.8 / 95.0); at 1% none is clearly above it (SimCLR +2.1, VICReg +1.8,
+  Barlow Twins +0.6, all within noise) and BYOL, SimSiam and DINO are below it. DINO's step
+  costs 2x SimCLR's, so it took 13 steps. None of these figures ranks the methods at
+  convergence; they say what a couple of dozen steps do.
+- MAE on patches (vit-tiny, 4x4 patches, 138 steps: its step is a sixth of a ResNet-18
+  step) is the best row at 1% (57.8) but is not above its random vit-tiny at 1% beyond noise
+  and is below it at 10% and 100% (75.0 / 83.8 against 79.0 / 89.2): training made the ViT's
+  features worse for a linear probe.
+- Part of the patches task is colour alone: `camera` is the only grey photograph, so one of
+  the seven classes can be told by colour alone (its three channels are equal), with no
+  feature of texture; the others differ in colour statistics as well as texture.
+- Step cost against SimCLR: SimSiam costs the same, Barlow Twins and VICReg 1.0-1.25x (their
+  512-wide 3-layer projectors; on the ResNet the backbone dominates), BYOL 1.3-1.4x (the
+  target network's forward passes), DINO 2-2.3x (two global and four local crops). MAE
+  costs 6.6x on digits (12 transformer blocks against a small convnet) and 0.16x of a
+  ResNet-18 step on the 32x32 patches.
 """
 
 
