@@ -7,8 +7,9 @@ import enum
 import time
 from dataclasses import dataclass
 
+from ray.dashboard.modules.job.common import JOB_ACTOR_NAME_TEMPLATE
 from ray.job_submission import JobStatus, JobSubmissionClient
-from ray.util.state import list_nodes
+from ray.util.state import list_actors, list_nodes
 
 STOP_GRACE_S = 30.0
 
@@ -48,9 +49,23 @@ class RayJobs:
         if phase is not RayJobPhase.MISSING:
             # A finished earlier attempt holds the id; its logs go, its checkpoints stay.
             self.client.delete_job(job_id)
+            self._wait_for_supervisor_exit(job_id)
         self.client.submit_job(
             entrypoint=entrypoint, submission_id=job_id, runtime_env={"env_vars": env}
         )
+
+    def _wait_for_supervisor_exit(self, job_id: str) -> None:
+        """Wait (a bounded time) until the earlier attempt's supervisor actor is gone. Ray
+        reports a stopped job as STOPPED before that actor, named after the submission id,
+        has exited; a new attempt under the same id submitted meanwhile fails to start with
+        "The name _ray_internal_job_actor_<id> ... is already taken"."""
+        name = JOB_ACTOR_NAME_TEMPLATE.format(job_id=job_id)
+        filters = [("name", "=", name), ("state", "!=", "DEAD")]
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline:
+            if not list_actors(self.address, filters, raise_on_missing_output=False):
+                return
+            time.sleep(0.25)
 
     def view(self, job_id: str) -> RayJobView:
         try:
