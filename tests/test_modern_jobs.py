@@ -12,7 +12,6 @@ show the collapse statistics of each epoch in MLflow.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -87,12 +86,8 @@ def assert_logged_collapse_statistics(client: MlflowClient, run_id: str) -> None
 @pytest.mark.parametrize("method", sorted(FULL_PATH))
 def test_method_runs_the_full_job_path(stack: Stack, tmp_path: Path, method: str) -> None:
     document = tiny_document(method, FULL_PATH)
-    path = tmp_path / "spec.yaml"
-    path.write_text(json.dumps(document))  # JSON is YAML
-    result = stack.cli("job", "submit", str(path), "--wait")
-    job_id = result.stdout.split()[1]
-    job = json.loads(stack.cli("job", "status", job_id, "-o", "json", check=True).stdout)
-    assert job["state"] == "SUCCEEDED", (job["message"], result.stderr[-3000:])
+    job = stack.run_job(document, tmp_path)
+    job_id = job["id"]
 
     client = MlflowClient(stack.tracking_uri)
     assert_logged_collapse_statistics(client, job["mlflow_run_id"])
