@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.params import BYOLParams, SimSiamParams
-from pipelines.spec import load_spec_text
+from pipelines.spec import EncoderSpec, load_spec_text
 from tests.latent_ranks import part_results, register_part
 from tests.resume import straight_halfway_resumed
 from tests.test_contrastive_dist import shifted_views, without_batchnorm
 from workers import dist
 from workers.augment import build_augment
 from workers.data import load_dataset
-from workers.encoders import backbone_config, build_encoder
+from workers.encoders import build_encoder
 from workers.losses import byol_loss, negative_cosine_similarity
 from workers.methods import Batch, Method, MethodContext
 from workers.methods.byol import BYOL
@@ -36,7 +36,7 @@ WORLD, LOCAL, STEPS = 2, 4, 3
 
 def byol(seed: int = 0, total_steps: int = 4, schedule: str = "cosine") -> BYOL:
     torch.manual_seed(seed)
-    backbone = build_encoder(backbone_config("small-convnet", 1, 8, 16))
+    backbone = build_encoder(EncoderSpec(arch="small-convnet", out_dim=16).config(1, 8))
     params = BYOLParams(
         name="byol",
         projection_dim=8,
@@ -50,7 +50,7 @@ def byol(seed: int = 0, total_steps: int = 4, schedule: str = "cosine") -> BYOL:
 
 def simsiam(seed: int = 0) -> SimSiam:
     torch.manual_seed(seed)
-    backbone = build_encoder(backbone_config("small-convnet", 1, 8, 16))
+    backbone = build_encoder(EncoderSpec(arch="small-convnet", out_dim=16).config(1, 8))
     params = SimSiamParams(name="simsiam", projection_dim=8, hidden_dim=16, predictor_hidden_dim=4)
     return SimSiam(params, MethodContext(backbone, 16, 64))
 
@@ -168,7 +168,7 @@ def test_simsiam_gradient_is_that_of_the_loss_with_detached_projections() -> Non
 def build(name: str, seed: int) -> Training:
     spec = load_spec_text((EXAMPLES / f"{name}-digits.yaml").read_text())
     torch.manual_seed(seed)
-    backbone = build_encoder(backbone_config("small-convnet", 1, 8, 32))
+    backbone = build_encoder(EncoderSpec(arch="small-convnet", out_dim=32).config(1, 8))
     method_class = BYOL if name == "byol" else SimSiam
     method = method_class(spec.method, MethodContext(backbone, 32, 64, total_steps=6))
     return Training.of(method, torch.optim.Adam(method.parameters(), lr=1e-3), AUGMENT)

@@ -15,13 +15,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.params import DINOParams
+from pipelines.spec import EncoderSpec
 from tests.latent_ranks import part_results, register_part
 from tests.resume import straight_halfway_resumed
 from tests.test_contrastive_dist import shifted_views, without_batchnorm
 from workers import dist
 from workers.augment import build_augment
 from workers.data import load_dataset
-from workers.encoders import backbone_config, build_encoder
+from workers.encoders import build_encoder
 from workers.losses import dino_loss
 from workers.methods.base import Batch, MethodContext
 from workers.methods.dino import DINO, MultiCrop, teacher_temperature
@@ -73,7 +74,7 @@ def dino(
 def small_dino(**overrides: Any) -> DINO:
     """A small convnet without BatchNorm, crops swapped for ``fixed_crops``."""
     torch.manual_seed(0)
-    backbone = build_encoder(backbone_config("small-convnet", 1, 8, 16))
+    backbone = build_encoder(EncoderSpec(arch="small-convnet", out_dim=16).config(1, 8))
     method = without_batchnorm(dino(backbone, 16, **overrides))
     method.crops = fixed_crops
     return method
@@ -176,7 +177,7 @@ def test_multi_crop_views_are_seeded_and_sized() -> None:
 
 def build(seed: int) -> Training:
     torch.manual_seed(seed)
-    backbone = build_encoder(backbone_config("small-convnet", 1, 8, 32))
+    backbone = build_encoder(EncoderSpec(arch="small-convnet", out_dim=32).config(1, 8))
     # Warm-up over 4 of the 6 steps: the resumed half starts inside it.
     method = dino(backbone, 32, preset="digits", total_steps=6, steps_per_epoch=2)
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
@@ -252,7 +253,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(ranks: list[dict]
 
 def test_vit_tiny_trains_on_digits() -> None:
     torch.manual_seed(0)
-    config = {**backbone_config("vit-tiny", 1, 8, 192), "patch_size": 2}
+    config = EncoderSpec(arch="vit-tiny", patch_size=2).config(1, 8)
     method = dino(build_encoder(config), 192, preset="digits", local_crop_size=0)
     images = load_dataset("builtin:digits").images[:32]
     sides = [

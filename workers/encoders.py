@@ -99,11 +99,6 @@ class MLP(nn.Module):
         return self.layers(samples)
 
 
-def backbone_config(arch: str, in_channels: int, image_size: int, out_dim: int) -> EncoderConfig:
-    """The config of a backbone built from the spec's ``encoder`` section and the data."""
-    return {"arch": arch, "in_channels": in_channels, "image_size": image_size, "out_dim": out_dim}
-
-
 # Archs that methods define in their own modules register when imported; importing them here
 # lets any stored encoder load through this module alone. At the bottom: they import from it.
 from workers import latent_encoders, resnet, vit  # noqa: E402, F401
