@@ -21,16 +21,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.registry import register_encoder
 from pipelines.spec import read_yaml
 from tests.conftest import Stack
 from tests.train_loop_runs import (
     Runs,
     assert_loads_and_reproduces,
+    register_and_assert_loads,
     register_train_loops,
     train_loop_runs,
 )
-from workers.train_loop import ENCODER_DIR, REFERENCE_FILE
+from workers.train_loop import REFERENCE_FILE
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ONLY_LINEAR = {"linear": True, "knn": False, "label_fractions": [], "finetune": False}
@@ -136,8 +136,6 @@ def in_process_runs(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -
 def test_method_runs_the_train_loop_and_registers_a_loadable_encoder(
     in_process_runs: Runs, method: str
 ) -> None:
-    tracking_uri, run_id, checkpoint = in_process_runs[method]
+    tracking_uri, run_id, _ = in_process_runs[method]
     assert_run_logged(MlflowClient(tracking_uri), run_id, IN_PROCESS[method][-1])
-    model = tiny_document(method, IN_PROCESS)["name"]
-    register_encoder(tracking_uri, run_id, checkpoint / ENCODER_DIR, model, "candidate", {}, "test")
-    assert_loads_and_reproduces(model, tracking_uri, checkpoint)
+    register_and_assert_loads(in_process_runs, method, tiny_document(method, IN_PROCESS)["name"])

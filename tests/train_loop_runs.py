@@ -17,9 +17,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 import selfsup
+from pipelines.registry import register_encoder
 from pipelines.spec import parse_spec
 from tests.latent_ranks import part_results, register_part
-from workers.train_loop import REFERENCE_FILE, train_loop_per_worker
+from workers.train_loop import ENCODER_DIR, REFERENCE_FILE, train_loop_per_worker
 
 Runs = dict[str, tuple[str, str, Path]]  # method -> (tracking URI, MLflow run id, checkpoint)
 
@@ -66,6 +67,14 @@ def register_train_loops(part: str, documents: Callable[[], dict[str, dict]]) ->
     register_part(part, train_one_after_another, lambda folder: _jobs(folder, documents()))
 
 
+def register_and_assert_loads(runs: Runs, method: str, model: str) -> None:
+    """Register the encoder that ``method``'s train loop finished with as ``model`` and check
+    that it loads and reproduces its recorded features."""
+    tracking_uri, run_id, checkpoint = runs[method]
+    register_encoder(tracking_uri, run_id, checkpoint / ENCODER_DIR, model, "candidate", {}, "test")
+    assert_loads_and_reproduces(model, tracking_uri, checkpoint)
+
+
 def train_loop_runs(part: str, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     """What part ``part`` trained: method -> (tracking URI, run id, final checkpoint)."""
     jobs, folders = part_results(part, tmp_path_factory)[0]  # rank 0
@@ -75,10 +84,14 @@ def train_loop_runs(part: str, tmp_path_factory: pytest.TempPathFactory) -> Runs
     }
 
 
-def assert_loads_and_reproduces(model: str, tracking_uri: str, checkpoint: Path) -> None:
+def assert_loads_and_reproduces(
+    model: str, tracking_uri: str | None, checkpoint: Path, folder: Path | None = None
+) -> None:
     """``selfsup.load_encoder`` gives, in eval mode, the features the final checkpoint
-    recorded for its reference images."""
-    encoder = selfsup.load_encoder(f"models:/{model}@candidate", tracking_uri=tracking_uri)
+    recorded for its reference images: from the registry (``model@candidate``), or from
+    ``folder`` when given (what ``selfsup encoder get`` wrote)."""
+    uri = str(folder) if folder else f"models:/{model}@candidate"
+    encoder = selfsup.load_encoder(uri, tracking_uri=tracking_uri)
     assert not encoder.training
     reference = load_file(str(checkpoint / REFERENCE_FILE))
     with torch.no_grad():

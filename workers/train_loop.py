@@ -3,8 +3,10 @@ step under DDP, a checkpoint every epoch, and (rank 0 only) metrics to MLflow.""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,19 @@ REFERENCE_IMAGES = 32
 FIGURE_SAMPLES = 512
 
 
+@contextlib.contextmanager
+def _evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode and without autograd, then back to the mode it was in: the
+    reference features, the collapse statistics and the pictures all read a training model."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
 def _save_checkpoint(
     directory: Path, training: Training, epoch: int, reference_images: torch.Tensor | None
 ) -> None:
@@ -41,11 +56,8 @@ def _save_checkpoint(
     encoder = training.method.encoder()
     save_encoder(directory / ENCODER_DIR, encoder)
     if reference_images is not None:
-        was_training = encoder.training
-        encoder.eval()
-        with torch.no_grad():
+        with _evaluating(encoder):
             features = encoder(reference_images)
-        encoder.train(was_training)
         save_file(
             {
                 "images": reference_images.cpu().contiguous(),
@@ -173,19 +185,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _embedding_health(method: Method, sample: torch.Tensor) -> dict[str, float]:
     """Collapse statistics of the encoder's features of a fixed sample of training data."""
     encoder = method.encoder()
-    was_training = encoder.training
-    encoder.eval()
-    with torch.no_grad():
-        health = embedding_health(encoder(sample))
-    encoder.train(was_training)
-    return health
+    with _evaluating(encoder):
+        return embedding_health(encoder(sample))
 
 
 def _log_figures(logger: RunLogger, method: Method, data: torch.Tensor) -> None:
-    was_training = method.training
-    method.eval()
-    with torch.no_grad():
+    with _evaluating(method):
         figures = method.figures(data)
-    method.train(was_training)
     for name, image in figures.items():
         logger.log_image(image, f"figures/{name}")
