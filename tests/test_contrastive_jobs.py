@@ -1,7 +1,12 @@
-"""Siamese, MoCo and PIRL each through the full job path: the real CLI -> controller -> Ray
-Job -> Ray Train (2 gloo workers) -> MLflow run -> Model Registry -> selfsup.load_encoder,
-on builtin:digits for a few steps: one epoch over a small training split (test_fraction 0.8:
-359 of the 1797 digits, 179 per worker) in global batches of 64, i.e. 5 steps."""
+"""Siamese, MoCo and PIRL on builtin:digits for a few steps: one epoch over a small training
+split (test_fraction 0.8: 359 of the 1797 digits, 179 per worker) in global batches of 64,
+i.e. 5 steps.
+
+MoCo takes the full job path: the real CLI -> controller -> Ray Job -> Ray Train (2 gloo
+workers) -> MLflow run -> linear probe -> Model Registry -> selfsup.load_encoder. Siamese and
+PIRL run the very same ``train_loop_per_worker`` on 2 gloo ranks inside the Ray Train run
+shared with the other distributed tests (tests/train_loop_runs.py), then register their
+encoders and load them: the same training, without a second and third ~40 s job start-up."""
 
 from __future__ import annotations
 
@@ -9,29 +14,31 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
 
-import selfsup
 from pipelines.spec import read_yaml
 from tests.conftest import Stack
+from tests.train_loop_runs import (
+    Runs,
+    assert_loads_and_reproduces,
+    register_and_assert_loads,
+    register_train_loops,
+    train_loop_runs,
+)
+from workers.train_loop import REFERENCE_FILE
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 STEPS = 5  # (359 // 2 workers) // 32 per worker
 # K: a multiple of the global batch (64), below 359 - 64; PIRL's negatives: below 359.
-METHOD_OVERRIDES = {
-    "siamese": {},
-    "moco": {"queue_size": 128},
-    "pirl": {"num_negatives": 128},
-}
+FULL_PATH = {"moco": {"queue_size": 128}}
+IN_PROCESS = {"siamese": {}, "pirl": {"num_negatives": 128}}
 
 
-def tiny_spec(tmp_path: Path, method: str) -> tuple[Path, str]:
+def tiny_document(method: str, overrides: dict) -> dict:
     document = read_yaml((EXAMPLES / f"{method}-digits.yaml").read_text())
     name = f"test-{method}"
     document["name"] = name
-    document["method"].update(METHOD_OVERRIDES[method])
+    document["method"].update(overrides)
     document["data"]["test_fraction"] = 0.8
     document["train"].update(epochs=1, batch_size=64, log_every_steps=STEPS)
     # Only the linear probe: other protocols are tested with their own module.
@@ -43,36 +50,55 @@ def tiny_spec(tmp_path: Path, method: str) -> tuple[Path, str]:
         "baselines": False,
     }
     document["register"] = {"model": name, "alias": "candidate"}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(json.dumps(document))  # JSON is YAML
-    return path, name
+    return document
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_OVERRIDES))
+def assert_trained(client: MlflowClient, run_id: str, method: str) -> None:
+    """What the train loop logs (the driver logs the spec's params, on the job path only)."""
+    run = client.get_run(run_id)
+    (loss,) = client.get_metric_history(run_id, "train.loss")
+    assert loss.step == STEPS and loss.value > 0
+    assert run.data.metrics["train.epoch_loss"] > 0
+    if method == "pirl":  # both NCE terms are logged beside their mix
+        assert {"train.jigsaw_loss", "train.image_loss"} <= run.data.metrics.keys()
+
+
+@pytest.mark.parametrize("method", sorted(FULL_PATH))
 def test_method_trains_through_the_job_path(stack: Stack, tmp_path: Path, method: str) -> None:
-    path, name = tiny_spec(tmp_path, method)
+    document = tiny_document(method, FULL_PATH[method])
+    path = tmp_path / f"{document['name']}.yaml"
+    path.write_text(json.dumps(document))  # JSON is YAML
     result = stack.cli("job", "submit", str(path), "--wait")
     job_id = result.stdout.split()[1]
     job = json.loads(stack.cli("job", "status", job_id, "-o", "json", check=True).stdout)
     assert job["state"] == "SUCCEEDED", (job["message"], result.stderr[-3000:])
 
     client = MlflowClient(stack.tracking_uri)
+    assert_trained(client, job["mlflow_run_id"], method)
     run = client.get_run(job["mlflow_run_id"])
     assert run.data.params["method.name"] == method
-    (loss,) = client.get_metric_history(run.info.run_id, "train.loss")
-    assert loss.step == STEPS and loss.value > 0
-    assert run.data.metrics["train.epoch_loss"] > 0
     assert 0.1 < run.data.metrics["eval.linear.top1"] <= 1.0
-
-    if method == "pirl":  # both NCE terms are logged beside their mix
-        assert {"train.jigsaw_loss", "train.image_loss"} <= run.data.metrics.keys()
-
     # The registered encoder is the trained one: it reproduces the features that the final
     # checkpoint stored for held-out images.
-    encoder = selfsup.load_encoder(f"models:/{name}@candidate", tracking_uri=stack.tracking_uri)
-    assert not encoder.training
-    (reference_file,) = (stack.home / "runs" / job_id).glob("checkpoint_*/reference.safetensors")
-    reference = load_file(str(reference_file))
-    with torch.no_grad():
-        features = encoder(reference["images"])
-    torch.testing.assert_close(features, reference["features"], rtol=1e-5, atol=1e-6)
+    (checkpoint,) = {p.parent for p in (stack.home / "runs" / job_id).glob(f"*/{REFERENCE_FILE}")}
+    assert_loads_and_reproduces(document["name"], stack.tracking_uri, checkpoint)
+
+
+register_train_loops(
+    "contrastive_train_loop",
+    lambda: {method: tiny_document(method, IN_PROCESS[method]) for method in IN_PROCESS},
+)
+
+
+@pytest.fixture(scope="module")
+def in_process_runs(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return train_loop_runs("contrastive_train_loop", tmp_path_factory)
+
+
+@pytest.mark.parametrize("method", list(IN_PROCESS))
+def test_method_trains_in_the_train_loop_and_registers_a_loadable_encoder(
+    in_process_runs: Runs, method: str
+) -> None:
+    tracking_uri, run_id, _ = in_process_runs[method]
+    assert_trained(MlflowClient(tracking_uri), run_id, method)
+    register_and_assert_loads(in_process_runs, method, f"test-{method}")
