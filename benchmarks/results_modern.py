@@ -223,7 +223,7 @@ def step_costs(specs: dict[str, JobSpec], steps: int, warmup: int) -> str:
 
 
 def _arch(spec: JobSpec) -> str:
-    config = spec.encoder.config(spec.data.channels, spec.data.image_size)
+    config = spec.encoder.config(spec.data.depth, spec.data.side)
     extra = f", patch {config['patch_size']}" if "patch_size" in config else ""
     extra += f", {config['stem']} stem" if "stem" in config else ""
     return f"{spec.encoder.arch}{extra}"

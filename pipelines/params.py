@@ -219,15 +219,15 @@ class DINOParams(MethodParams):
     def problems(self, spec: JobSpec) -> Problems:
         if self.warmup_teacher_epochs >= spec.train.epochs and self.warmup_teacher_epochs:
             return [("method.warmup_teacher_epochs", "must be smaller than train.epochs")]
-        if self.local_crop_size > spec.data.image_size:
+        if self.local_crop_size > spec.data.side:
             return [
                 (
                     "method.local_crop_size",
-                    f"{self.local_crop_size} exceeds the {spec.data.image_size}-pixel images "
+                    f"{self.local_crop_size} exceeds the {spec.data.side}-pixel images "
                     f"of {spec.data.source}",
                 )
             ]
-        config = spec.encoder.config(spec.data.channels, spec.data.image_size)
+        config = spec.encoder.config(spec.data.depth, spec.data.side)
         patch = config.get("patch_size", 1)  # ViTs only
         if self.local_crop_size % patch:
             return [
@@ -267,8 +267,8 @@ class MAEParams(MethodParams):
             )
         if not spec.encoder.arch.startswith("vit") or spec.data.dataset == "spiral":
             return problems  # the arch or the data is refused already
-        side = spec.data.image_size
-        patches = (side // spec.encoder.config(spec.data.channels, side)["patch_size"]) ** 2
+        side = spec.data.side
+        patches = (side // spec.encoder.config(spec.data.depth, side)["patch_size"]) ** 2
         masked = round(self.mask_ratio * patches)
         if not 0 < masked < patches:
             problems.append(

@@ -13,14 +13,18 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipelines.params import METHOD_PARAMS, PositiveInt, Problems, Section
+from pipelines.sources import ImageSource, is_image_source
 
 BUILTIN_DATASETS = ("digits", "patches", "spiral")
 # Image counts of the built-in datasets: checks that depend on the training set's size
 # (MoCo's queue, PIRL's negatives) must not load data (or torch) here.
 BUILTIN_DATASET_SIZES = {"digits": 1797}  # patches and spiral: their `count` option
+# data fields of a user's images only, and the side their images are decoded to by default.
+USER_DATA_FIELDS = ("image_size", "channels", "max_bad_fraction")
+DEFAULT_IMAGE_SIZE = 32
 # Encoder archs and the width of their features where encoder.out_dim is left unset. ResNets
 # and ViTs have a fixed width: global pooling before the classifier, and the CLS token.
 ENCODER_WIDTHS = {
@@ -125,6 +129,7 @@ SOURCE_OPTIONS: dict[str, type[Section]] = {"patches": PatchesOptions, "spiral":
 
 
 class DataSpec(Section):
+    # builtin:NAME, or a user's images: file:///folder or s3://bucket/prefix/ (pipelines/sources.py)
     source: str = "builtin:digits"
     # Held out for evaluation, never seen by pretraining; the split is stratified (when the
     # data has labels) and seeded.
@@ -133,26 +138,50 @@ class DataSpec(Section):
     # A source's options sit under its name; patches and spiral have no labels.
     patches: PatchesOptions | None = None
     spiral: SpiralOptions | None = None
+    # A user's images: decoded, shorter side resized to image_size, centre-cropped; grey
+    # expanded to RGB or colour turned grey to match channels. Builtins fix both themselves.
+    image_size: Annotated[int, Field(ge=4, le=1024)] | None = None
+    channels: Literal[1, 3] | None = None
+    # Unreadable files skipped before the job fails, as a fraction of the training images.
+    max_bad_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.001
+    # How many images a listing found: set by the driver once it has listed the source.
+    _listed: int | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _known_source(self) -> DataSpec:
+        if is_image_source(self.source):
+            try:
+                ImageSource.parse(self.source)
+            except ValueError as error:
+                raise ValueError(f"data.source {error}") from None
+            self.image_size = self.image_size or DEFAULT_IMAGE_SIZE
+            self.channels = self.channels or 3
+            return self
         scheme, _, rest = self.source.partition(":")
+        supported = [f"builtin:{name}" for name in BUILTIN_DATASETS]
         if scheme != "builtin":
             raise ValueError(
                 f"unsupported data.source {self.source!r}; supported: "
-                + ", ".join(f"builtin:{name}" for name in BUILTIN_DATASETS)
+                + ", ".join([*supported, "file:///folder", "s3://bucket/prefix/"])
             )
         if rest not in BUILTIN_DATASETS:
-            raise ValueError(
-                f"unknown dataset {rest!r} in data.source; known: "
-                + ", ".join(f"builtin:{name}" for name in BUILTIN_DATASETS)
-            )
+            raise ValueError(f"unknown dataset {rest!r} in data.source; known: " + ", ".join(supported))
         for name in SOURCE_OPTIONS:
             if getattr(self, name) is not None and rest != name:
                 raise ValueError(
                     f"data.{name} sets options of builtin:{name}, not of {self.source}"
                 )
+        for name in USER_DATA_FIELDS:
+            if name in self.model_fields_set:
+                raise ValueError(
+                    f"data.{name} applies to file:// and s3:// sources; {self.source} sets its own"
+                )
         return self
+
+    @property
+    def is_user_data(self) -> bool:
+        """A user's folder or bucket, streamed with Ray Data; otherwise a builtin in memory."""
+        return is_image_source(self.source)
 
     @property
     def dataset(self) -> str:
@@ -166,31 +195,42 @@ class DataSpec(Section):
             return {}
         return (getattr(self, self.dataset) or defaults()).model_dump()
 
+    def listed(self, count: int) -> None:
+        """Record how many images the source holds, once the driver has listed it."""
+        self._listed = count
+
     @property
-    def size(self) -> int:
-        """How many samples the source holds."""
+    def size(self) -> int | None:
+        """How many samples the source holds; None for a user's images until listed."""
+        if self.is_user_data:
+            return self._listed
         return self.options.get("count", BUILTIN_DATASET_SIZES.get(self.dataset, 0))
 
     @property
-    def train_size(self) -> int:
-        """How many samples pretraining sees: the stratified split keeps
-        n - ceil(test_fraction * n) (scikit-learn's rounding in ``workers.data.split_indices``)."""
-        return self.size - math.ceil(self.test_fraction * self.size)
+    def train_size(self) -> int | None:
+        """How many samples pretraining sees: the split keeps n - ceil(test_fraction * n)
+        (scikit-learn's rounding in ``workers.data.split_indices``); None while unknown."""
+        size = self.size
+        return None if size is None else size - math.ceil(self.test_fraction * size)
 
     @property
-    def image_size(self) -> int:
+    def side(self) -> int:
         """The side of one image (1 for vectors, which count as 1x1 images)."""
+        if self.image_size is not None:
+            return self.image_size
         return {"digits": 8, "spiral": 1}.get(self.dataset) or self.options["size"]
 
     @property
-    def channels(self) -> int:
+    def depth(self) -> int:
         """Channels of one image (a vector's length for vectors)."""
+        if self.channels is not None:
+            return self.channels
         return {"digits": 1, "spiral": 2}.get(self.dataset) or self.options["channels"]
 
     @property
     def sample_dim(self) -> int:
         """The length of one flattened sample."""
-        return self.channels * self.image_size**2
+        return self.depth * self.side**2
 
 
 class AugmentSpec(Section):
@@ -280,7 +320,7 @@ class JobSpec(Section):
     def _resolve_encoder(self) -> JobSpec:
         """Fill in what the encoder's defaults mean for this data (the ResNet stem, the ViT
         patch), so that MLflow's params and the config hash say what actually trains."""
-        resolved = self.encoder.config(self.data.channels, self.data.image_size)
+        resolved = self.encoder.config(self.data.depth, self.data.side)
         if "stem" in resolved:
             self.encoder.stem = resolved["stem"]
         if "patch_size" in resolved:
@@ -313,7 +353,7 @@ class JobSpec(Section):
         if self.data.options:
             data[self.data.dataset] = self.data.options
         # The stem and the patch size are logged for the archs they apply to only.
-        applies = self.encoder.config(self.data.channels, self.data.image_size)
+        applies = self.encoder.config(self.data.depth, self.data.side)
         for key in ("stem", "patch_size"):
             if key not in applies:
                 document["encoder"].pop(key)
@@ -348,7 +388,7 @@ def _encoder_problems(spec: JobSpec, on_vectors: bool) -> Problems:
         return [("encoder.arch", f"{method.name} trains {known}, not {encoder.arch!r}")]
     if on_vectors or not method.trains_encoder or not encoder.arch.startswith("vit"):
         return []
-    side, patch = spec.data.image_size, encoder.config(spec.data.channels, spec.data.image_size)
+    side, patch = spec.data.side, encoder.config(spec.data.depth, spec.data.side)
     if side % patch["patch_size"]:
         return [
             (

@@ -1,0 +1,180 @@
+"""Where a user's images live: a folder (``file:///data/images``) or an S3 prefix
+(``s3://bucket/images/``), listed in pages and read one object at a time.
+
+Torch-free: the controller checks a source at submit with it (one bounded page, never the
+whole prefix), the driver lists it once into a ``Catalog`` that fixes every image's global
+index, and Ray Data tasks read the images. S3 settings come from boto3's standard places
+(``AWS_ENDPOINT_URL``, ``AWS_*`` credentials, a profile): a spec names only the URI.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Objects looked at by the submit-time check: a prefix of a million objects costs one page.
+CHECK_PAGE = 1000
+SCHEMES = ("file", "s3")
+
+
+def is_image_source(uri: str) -> bool:
+    return uri.partition("://")[0] in SCHEMES and "://" in uri
+
+
+@functools.cache
+def _s3_client() -> Any:
+    """One client per process, from boto3's standard configuration; few retries, so that a
+    wrong endpoint fails a submit in seconds rather than minutes."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3})
+    return boto3.session.Session().client("s3", config=config)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """``root`` is the folder (file) or the bucket (s3); ``prefix`` the key prefix under the
+    bucket, "" or ending in "/". Keys are relative to both: ``cats/0001.png``."""
+
+    uri: str
+    scheme: Literal["file", "s3"]
+    root: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, uri: str) -> ImageSource:
+        parts = urlsplit(uri)
+        if parts.scheme not in SCHEMES:
+            raise ValueError(f"{uri!r} is not a file:// or s3:// URI")
+        if "@" in parts.netloc or parts.query or parts.fragment:
+            # Credentials never travel in a spec: they would land in MLflow params and logs.
+            raise ValueError(
+                f"{uri!r} carries credentials, a query or a fragment; S3 credentials come "
+                "from AWS_* variables or a profile, never the URI"
+            )
+        if parts.scheme == "file":
+            if parts.netloc or not parts.path.startswith("/"):
+                raise ValueError(f"{uri!r}: a folder is file:///absolute/path (three slashes)")
+            return cls(uri, "file", str(Path(parts.path)), "")
+        if not parts.netloc:
+            raise ValueError(f"{uri!r} names no bucket (s3://bucket/prefix/)")
+        prefix = parts.path.lstrip("/")
+        return cls(uri, "s3", parts.netloc, prefix if not prefix or prefix.endswith("/") else prefix + "/")
+
+    def iter_keys(self, limit: int | None = None) -> Iterator[str]:
+        """Every object under the source, images or not, in a stable order; at most
+        ``limit`` of them."""
+        keys = self._s3_keys() if self.scheme == "s3" else self._file_keys()
+        for count, key in enumerate(keys):
+            if limit is not None and count >= limit:
+                return
+            yield key
+
+    def _file_keys(self) -> Iterator[str]:
+        root = Path(self.root)
+        for folder, folders, files in os.walk(root):
+            folders.sort()
+            base = Path(folder).relative_to(root)
+            for name in sorted(files):
+                yield str(base / name) if base != Path(".") else name
+
+    def _s3_keys(self) -> Iterator[str]:
+        pages = _s3_client().get_paginator("list_objects_v2")
+        for page in pages.paginate(Bucket=self.root, Prefix=self.prefix):
+            for item in page.get("Contents", []):
+                yield item["Key"][len(self.prefix) :]
+
+    def read(self, key: str) -> bytes:
+        if self.scheme == "file":
+            return (Path(self.root) / key).read_bytes()
+        return _s3_client().get_object(Bucket=self.root, Key=self.prefix + key)["Body"].read()
+
+
+def is_image_key(key: str) -> bool:
+    return key.lower().endswith(IMAGE_SUFFIXES) and not Path(key).name.startswith(".")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every image of a source in sorted key order: an image's global index is its position
+    here, stable across workers, attempts and resumes. ``labels[i]`` is the class folder of
+    image i, or None for all when the images are not all in first-level folders."""
+
+    source: ImageSource
+    keys: list[str]
+    classes: list[str]
+    labels: list[int] | None
+
+    @classmethod
+    def list(cls, source: ImageSource) -> Catalog:
+        keys = sorted(key for key in source.iter_keys() if is_image_key(key))
+        if not keys:
+            raise ValueError(f"{source.uri} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        if all("/" in key for key in keys):
+            folders = [key.partition("/")[0] for key in keys]
+            classes = sorted(set(folders))
+            index = {name: i for i, name in enumerate(classes)}
+            return cls(source, keys, classes, [index[folder] for folder in folders])
+        return cls(source, keys, [], None)
+
+
+def _s3_problem(source: ImageSource, error: Exception) -> str:
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    endpoint = _s3_client().meta.endpoint_url
+    if isinstance(error, NoCredentialsError | PartialCredentialsError):
+        return (
+            f"no S3 credentials for {source.uri}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) where the controller runs"
+        )
+    if isinstance(error, EndpointConnectionError):
+        return f"cannot reach the S3 endpoint {endpoint} (AWS_ENDPOINT_URL) for {source.uri}"
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return f"bucket {source.root!r} does not exist at {endpoint}"
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            return f"the S3 credentials were refused for {source.uri} ({code})"
+        return f"S3 refused to list {source.uri}: {code or error}"
+    return f"cannot list {source.uri} at {endpoint}: {type(error).__name__}: {error}"
+
+
+def source_problems(uri: str, field: str) -> list[tuple[str, str]]:
+    """What keeps ``uri`` from being read, as (field, message) pairs; looks at one page of
+    at most CHECK_PAGE objects."""
+    try:
+        source = ImageSource.parse(uri)
+    except ValueError as error:
+        return [(field, str(error))]
+    if source.scheme == "file" and not Path(source.root).is_dir():
+        what = "is not a folder" if Path(source.root).exists() else "does not exist"
+        return [(field, f"{source.root} {what}")]
+    try:
+        page = list(source.iter_keys(limit=CHECK_PAGE))
+    except OSError as error:  # an unreadable folder
+        return [(field, f"cannot list {source.root}: {error}")]
+    except Exception as error:  # noqa: BLE001 - botocore's errors, each turned into words
+        return [(field, _s3_problem(source, error))]
+    if not page:
+        return [(field, f"{uri} is empty")]
+    if not any(is_image_key(key) for key in page):
+        return [
+            (
+                field,
+                f"no image files ({', '.join(IMAGE_SUFFIXES)}) among the first {len(page)} "
+                f"objects of {uri}",
+            )
+        ]
+    return []
