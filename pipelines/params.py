@@ -104,7 +104,7 @@ class MoCoParams(_Projected):
                     "each step and must wrap around on a batch boundary",
                 )
             )
-        if self.queue_size >= images - batch:
+        if images is not None and self.queue_size >= images - batch:
             problems.append(
                 (
                     "method.queue_size",
@@ -130,7 +130,7 @@ class PIRLParams(_Projected):
 
     def problems(self, spec: JobSpec) -> Problems:
         images = spec.data.train_size
-        if self.num_negatives < images:
+        if images is None or self.num_negatives < images:
             return []
         return [
             (

@@ -66,7 +66,9 @@ class ImageSource:
         if not parts.netloc:
             raise ValueError(f"{uri!r} names no bucket (s3://bucket/prefix/)")
         prefix = parts.path.lstrip("/")
-        return cls(uri, "s3", parts.netloc, prefix if not prefix or prefix.endswith("/") else prefix + "/")
+        return cls(
+            uri, "s3", parts.netloc, prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        )
 
     def iter_keys(self, limit: int | None = None) -> Iterator[str]:
         """Every object under the source, images or not, in a stable order; at most

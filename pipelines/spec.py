@@ -165,7 +165,9 @@ class DataSpec(Section):
                 + ", ".join([*supported, "file:///folder", "s3://bucket/prefix/"])
             )
         if rest not in BUILTIN_DATASETS:
-            raise ValueError(f"unknown dataset {rest!r} in data.source; known: " + ", ".join(supported))
+            raise ValueError(
+                f"unknown dataset {rest!r} in data.source; known: " + ", ".join(supported)
+            )
         for name in SOURCE_OPTIONS:
             if getattr(self, name) is not None and rest != name:
                 raise ValueError(
@@ -265,6 +267,9 @@ class ResourcesSpec(Section):
     workers: Annotated[int, Field(gt=0, le=1024)] = 2
     cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0, le=16)] = 0.0
+    # CPUs for the Ray Data tasks that read and decode a user's images, beside the gang's;
+    # 1 by default for file:// and s3:// sources. Builtins are held in memory and use none.
+    data_cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
 
 
 LabelFraction = Annotated[float, Field(gt=0, lt=1)]
@@ -275,6 +280,10 @@ class EvaluateSpec(Section):
     """Which downstream protocols run on the held-out split (all on frozen features except
     semi-supervised fine-tuning), and the baselines beside them on the same split."""
 
+    # Labelled images in class subfolders (file:// or s3://) to evaluate on, split by
+    # data.test_fraction and data.split_seed; unset: the source itself, when its images sit
+    # in class subfolders (the held-out part was never seen by pretraining).
+    data: str | None = None
     linear: bool = True
     knn: bool = True
     knn_k: Annotated[int, Field(gt=0, le=1000)] = 20
@@ -287,6 +296,13 @@ class EvaluateSpec(Section):
     finetune_steps: Annotated[int, Field(gt=0, le=100_000)] = 100
     finetune_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
     baselines: bool = True
+
+    @field_validator("data")
+    @classmethod
+    def _image_folder(cls, uri: str | None) -> str | None:
+        if uri is not None:
+            ImageSource.parse(uri)  # its ValueError names what is wrong with the URI
+        return uri
 
     @field_validator("label_fractions", "seeds")
     @classmethod
@@ -317,6 +333,21 @@ class JobSpec(Section):
     max_retries: Annotated[int, Field(ge=0, le=100)] = 0
 
     @model_validator(mode="after")
+    def _resolve_user_data(self) -> JobSpec:
+        """What a user's images need beside the spec's data section: CPUs to decode them on.
+        An evaluation set of images applies to a user's images only: a builtin's encoder
+        takes the builtin's own shape."""
+        if self.data.is_user_data:
+            self.resources.data_cpus = self.resources.data_cpus or 1.0
+            return self
+        for section, name in (("resources", "data_cpus"), ("evaluate", "data")):
+            if getattr(getattr(self, section), name) is not None:
+                raise ValueError(
+                    f"{section}.{name} applies to file:// and s3:// sources, not {self.data.source}"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _resolve_encoder(self) -> JobSpec:
         """Fill in what the encoder's defaults mean for this data (the ResNet stem, the ViT
         patch), so that MLflow's params and the config hash say what actually trains."""
@@ -327,9 +358,23 @@ class JobSpec(Section):
             self.encoder.patch_size = resolved["patch_size"]
         return self
 
+    def _document(self, exclude: set[str]) -> dict[str, Any]:
+        """The spec as JSON without the fields that do not apply to it (a builtin's unset
+        image fields, say), so that adding a field for other sources changes no hash."""
+        document = self.model_dump(mode="json", exclude=exclude)
+        if not self.data.is_user_data:
+            for name in USER_DATA_FIELDS:
+                document["data"].pop(name)
+        for section, name in (("resources", "data_cpus"), ("evaluate", "data")):
+            if section in document and document[section][name] is None:
+                document[section].pop(name)
+        return document
+
     def config_hash(self) -> str:
-        """A stable hash of everything that shapes the result (not priority or retries)."""
-        shaping = self.model_dump(mode="json", exclude={"priority", "max_retries", "registration"})
+        """A stable hash of everything that shapes the result (not priority or retries, nor
+        the CPUs that decode the data)."""
+        shaping = self._document({"priority", "max_retries", "registration"})
+        shaping["resources"].pop("data_cpus", None)
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -344,7 +389,7 @@ class JobSpec(Section):
             else:
                 flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
 
-        document = self.model_dump(mode="json")
+        document = self._document(set())
         # Each source keeps its options under its own name, unset (None) unless written: log
         # the chosen source's options with their defaults filled in, and no other source's.
         data = document["data"]
@@ -483,3 +528,13 @@ def load_spec_text(text: str) -> JobSpec:
     except (ValueError, RecursionError) as error:
         raise SpecError([("(yaml)", f"not valid YAML: {error}")]) from None
     return parse_spec(document)
+
+
+def check_listed(spec: JobSpec, count: int) -> None:
+    """Record that a user's source holds ``count`` images, and raise SpecError for what the
+    count rules out (a queue or a memory bank too large for the training set), the checks
+    that parsing could not make before the source was listed."""
+    spec.data.listed(count)
+    problems = spec.method.problems(spec)
+    if problems:
+        raise SpecError(problems)

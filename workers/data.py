@@ -175,12 +175,16 @@ def split_indices(labels: torch.Tensor, test_fraction: float, seed: int) -> Spli
     return Split(train=np.sort(train), test=np.sort(test))
 
 
-def split_dataset(dataset: SampleDataset, test_fraction: float, seed: int) -> Split:
-    """``split_indices`` for a labelled dataset; a seeded unstratified split (same sizes)
-    for an unlabelled one."""
-    if dataset.labels is not None:
-        return split_indices(dataset.labels, test_fraction, seed)
-    train, test = train_test_split(
-        np.arange(len(dataset.samples)), test_size=test_fraction, random_state=seed
-    )
+def split_samples(
+    count: int, labels: torch.Tensor | None, test_fraction: float, seed: int
+) -> Split:
+    """``split_indices`` for ``count`` labelled samples; a seeded unstratified split (same
+    sizes) for unlabelled ones."""
+    if labels is not None:
+        return split_indices(labels, test_fraction, seed)
+    train, test = train_test_split(np.arange(count), test_size=test_fraction, random_state=seed)
     return Split(train=np.sort(train), test=np.sort(test))
+
+
+def split_dataset(dataset: SampleDataset, test_fraction: float, seed: int) -> Split:
+    return split_samples(len(dataset.samples), dataset.labels, test_fraction, seed)

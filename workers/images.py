@@ -1,8 +1,9 @@
 """Users' images as a Ray Data stream: read and decode as Ray Data tasks on the cluster's
 CPUs, a few blocks at a time, so that no process holds the dataset.
 
-Each row is ``{"image": uint8 (C, S, S), "index": int64}``: the image decoded, resized
-(shorter side to S) and centre-cropped, and its global index in the source's ``Catalog``.
+Each row is ``{"image": uint8 (C, S, S), "index": int64, "position": int64}``: the image
+decoded, resized (shorter side to S) and centre-cropped, its global index in the source's
+``Catalog``, and its position in the training split (what PIRL's memory bank is indexed by).
 A file that cannot be decoded is dropped from the stream and recorded by ``BadSamples``,
 one actor per job that the train loop reads after each epoch.
 """
@@ -10,6 +11,7 @@ one actor per job that the train loop reads after each epoch.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,11 +64,11 @@ class BadSamples:
 def _decode_rows(
     batch: dict[str, np.ndarray], source: ImageSource, size: int, channels: int, bad: Any
 ) -> dict[str, np.ndarray]:
-    images, indices, unreadable = [], [], []
-    for key, index in zip(batch["key"], batch["index"], strict=True):
+    images, kept, unreadable = [], [], []
+    for row, key in enumerate(batch["key"]):
         try:
             images.append(decode_image(source.read(str(key)), size, channels))
-            indices.append(index)
+            kept.append(row)
         except _UNREADABLE:
             unreadable.append(str(key))
     if unreadable:
@@ -75,7 +77,8 @@ def _decode_rows(
     empty = np.zeros((0, channels, size, size), dtype=np.uint8)
     return {
         "image": np.stack(images) if images else empty,
-        "index": np.asarray(indices, dtype=np.int64),
+        "index": batch["index"][kept],
+        "position": batch["position"][kept],
     }
 
 
@@ -86,18 +89,37 @@ def image_stream(
     channels: int,
     bad: Any,
     seed: int,
+    num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
-    """The images ``indices`` of ``catalog`` as a lazy Ray Data dataset of decoded rows. The
-    rows are put in an order drawn from ``seed`` once, so that each block mixes classes."""
-    order = np.random.default_rng(seed).permutation(np.asarray(indices, dtype=np.int64))
-    table = pa.table({"key": [catalog.keys[i] for i in order], "index": order})
+    """The images ``indices`` of ``catalog`` as a lazy Ray Data dataset of decoded rows, the
+    i-th of ``indices`` at position i. The rows are put in an order drawn from ``seed`` once,
+    so that each block mixes classes; each epoch then shuffles within a buffer."""
+    positions = np.random.default_rng(seed).permutation(len(indices))
+    chosen = np.asarray(indices, dtype=np.int64)[positions]
+    table = pa.table(
+        {"key": [catalog.keys[i] for i in chosen], "index": chosen, "position": positions}
+    )
     blocks = [table.slice(start, BLOCK_ROWS) for start in range(0, len(table), BLOCK_ROWS)]
     return ray.data.from_arrow(blocks).map_batches(
         _decode_rows,
         batch_size=DECODE_BATCH,
         batch_format="numpy",
         fn_kwargs={"source": catalog.source, "size": size, "channels": channels, "bad": bad},
+        num_cpus=num_cpus,
     )
+
+
+@dataclass(frozen=True)
+class StreamedImages:
+    """What the workers need of a user's images beside the stream Ray Train splits."""
+
+    train_count: int  # images in the training split, before unreadable ones are dropped
+    channels: int
+    side: int
+    reference: np.ndarray  # uint8 (n, C, S, S): held-out images for the reference features
+    sample: np.ndarray  # uint8 (m, C, S, S): training images for the pictures and statistics
+    bad: Any  # the job's BadSamples actor
+    max_bad: int  # unreadable training images allowed before the job fails
 
 
 def load_images(

@@ -14,13 +14,12 @@ import ray.train
 import ray.train.torch
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipelines.spec import JobSpec
 from workers import dist
 from workers.collapse import embedding_health
-from workers.data import load_data_section, split_dataset
 from workers.export import save_encoder
+from workers.feeds import make_feed
 from workers.methods import Method
 from workers.step import Training, build_training
 from workers.tracking import RunLogger
@@ -28,12 +27,6 @@ from workers.tracking import RunLogger
 STATE_FILE = "state.pt"
 ENCODER_DIR = "encoder"
 REFERENCE_FILE = "reference.safetensors"
-# How many held-out images the final checkpoint keeps with their features, so that a loaded
-# encoder can be checked against the one that finished training.
-REFERENCE_IMAGES = 32
-# Training samples handed to Method.figures at the end of training, and embedded each epoch
-# for the collapse statistics.
-FIGURE_SAMPLES = 512
 
 
 @contextlib.contextmanager
@@ -68,35 +61,14 @@ def _save_checkpoint(
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """``config``: the job's ``spec`` (a JobSpec), its MLflow ``run_id`` and ``tracking_uri``."""
+    """``config``: the job's ``spec`` (a JobSpec), its MLflow ``run_id`` and ``tracking_uri``,
+    and for a user's images ``images`` (StreamedImages) beside the "train" dataset shard."""
     spec: JobSpec = config["spec"]
     train = spec.train
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
 
-    dataset = load_data_section(spec.data.model_dump(mode="json"))
-    split = split_dataset(dataset, spec.data.test_fraction, spec.data.split_seed)
-    train_images = dataset.images[split.train]
-    shard = DistributedSampler(
-        TensorDataset(train_images),
-        num_replicas=world,
-        rank=rank,
-        shuffle=True,
-        seed=train.seed,
-        drop_last=True,
-    )
-    # Every step needs equal-sized batches on all ranks (the global negatives are gathered).
-    loader = DataLoader(
-        TensorDataset(train_images, torch.arange(len(train_images))),
-        batch_size=train.batch_size // world,
-        sampler=shard,
-        drop_last=True,
-    )
-    if len(loader) == 0:
-        raise ValueError(
-            f"train.batch_size {train.batch_size} is larger than the {len(train_images)} "
-            "training images: no full batch can be formed"
-        )
+    feed = make_feed(spec, config.get("images"), rank, world, device)
 
     def prepare(method: Method) -> torch.nn.Module:
         # Closed-form methods learn inside forward from statistics summed over ranks: without
@@ -105,13 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(method, parallel_strategy="ddp" if trainable else None)
 
     training = build_training(
-        spec,
-        (dataset.in_channels, dataset.image_size),
-        len(train_images),
-        len(loader),
-        device,
-        rank,
-        prepare,
+        spec, feed.shape, feed.train_count, feed.steps_per_epoch, device, rank, prepare
     )
 
     start_epoch = 0
@@ -125,8 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if logger and checkpoint:
         logger.log({"train.resumed_from_epoch": start_epoch - 1}, step=training.step)
-    reference_images = dataset.images[split.test[:REFERENCE_IMAGES]].to(device)
-    sample = train_images[:FIGURE_SAMPLES].to(device)
+    reference_images, sample = feed.reference, feed.sample
     if checkpoint and start_epoch >= train.epochs:
         # An earlier attempt finished training but not the job: hand its final checkpoint on.
         ray.train.report(
@@ -136,11 +101,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
 
     for epoch in range(start_epoch, train.epochs):
-        shard.set_epoch(epoch)
         training.model.train()
-        epoch_start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
-        for images, indices in loader:
-            outputs = training.train_step(images.to(device), indices.to(device))
+        epoch_start, loss_sum, steps = time.perf_counter(), torch.zeros((), device=device), 0
+        for images, positions in feed.batches(epoch):
+            outputs = training.train_step(images, positions)
+            steps += 1
             loss_sum += outputs["loss"].detach().float()
             if logger and training.step % train.log_every_steps == 0:
                 logger.log(
@@ -152,13 +117,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     step=training.step,
                 )
         elapsed = time.perf_counter() - epoch_start
-        epoch_loss = dist.all_reduce_mean(loss_sum / len(loader)).item()
+        epoch_loss = dist.all_reduce_mean(loss_sum / max(steps, 1)).item()  # also a barrier
         metrics = {
             "epoch": epoch,
             "step": training.step,
             "loss": epoch_loss,
-            "samples_per_sec": len(loader) * train.batch_size / elapsed,
+            "samples_per_sec": steps * train.batch_size / elapsed,
         }
+        bad = feed.bad_samples()  # read by every rank after the barrier: all stop together
+        if bad is not None:
+            metrics["data.bad_samples"] = bad.count
+            if logger:
+                logger.log({"data.bad_samples": bad.count}, step=training.step)
+                if bad.count:
+                    print(f"skipped {bad.count} unreadable images so far, e.g. {bad.examples}")
+            if bad.exceeded:
+                # The driver fails the job as a user error; retrying the gang would not help.
+                ray.train.report(metrics)
+                return
         last = epoch == train.epochs - 1
         with tempfile.TemporaryDirectory() as directory:
             report_checkpoint = None
