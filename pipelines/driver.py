@@ -35,7 +35,8 @@ from pipelines.evaluate import Evaluation, evaluate_encoder, log_evaluation
 from pipelines.pretrain import TRAIN_RUNTIME_ENV, pretrain
 from pipelines.registry import code_version, register_encoder
 from pipelines.spec import JobSpec, parse_spec
-from workers.data import SampleDataset, load_data_section, split_dataset
+from pipelines.user_data import UserData, check_bad_samples, evaluation_set, prepare_user_data
+from workers.data import SampleDataset, Split, load_data_section, split_dataset
 from workers.export import load_encoder_dir
 from workers.train_loop import ENCODER_DIR
 
@@ -80,27 +81,46 @@ def error_kind(error: BaseException) -> str:
     return tags.USER_ERROR
 
 
+def _evaluation_data(
+    spec: JobSpec, user_data: UserData | None
+) -> tuple[SampleDataset, Split, str] | None:
+    """Labelled images, their split and their source; None where there are no labels."""
+    if user_data is not None:
+        return evaluation_set(spec, user_data)
+    dataset = load_data_section(spec.data.model_dump(mode="json"))
+    if dataset.labels is None:
+        return None
+    split = split_dataset(dataset, spec.data.test_fraction, spec.data.split_seed)
+    return dataset, split, spec.data.source
+
+
 def _evaluate(
-    spec: JobSpec, encoder: nn.Module, dataset: SampleDataset, client: MlflowClient, run_id: str
+    spec: JobSpec,
+    encoder: nn.Module,
+    user_data: UserData | None,
+    client: MlflowClient,
+    run_id: str,
 ) -> Evaluation | None:
     """Every protocol the spec asks for, logged to the job's run; None (and a tag saying
     why) for data without labels, which no downstream classifier can be scored on."""
-    if dataset.labels is None:
+    labelled = _evaluation_data(spec, user_data)
+    if labelled is None:
+        where = spec.evaluate.data or spec.data.source
         client.set_tag(
             run_id,
             tags.EVAL_SKIPPED,
-            f"{spec.data.source} has no labels: linear, kNN and semi-supervised evaluation "
-            "need labels and were skipped",
+            f"{where} has no labels (no class folders): linear, kNN and semi-supervised "
+            "evaluation need labels and were skipped",
         )
         return None
-    split = split_dataset(dataset, spec.data.test_fraction, spec.data.split_seed)
+    dataset, split, source = labelled
     evaluation = evaluate_encoder(
         encoder,
         dataset,
         split,
         spec.evaluate,
         spec.train.seed,
-        spec.data.source,
+        source,
         spec.data.test_fraction,
         spec.data.split_seed,
     )
@@ -121,9 +141,7 @@ def _description(spec: JobSpec, job_id: str) -> str:
     )
 
 
-def _version_tags(
-    spec: JobSpec, job_id: str, dataset: SampleDataset, evaluation: Evaluation | None
-) -> dict[str, str]:
+def _version_tags(spec: JobSpec, job_id: str, evaluation: Evaluation | None) -> dict[str, str]:
     """Where the version came from, and its headline metrics (means, not spreads)."""
     version_tags = {
         tags.JOB_ID: job_id,
@@ -131,11 +149,11 @@ def _version_tags(
         "selfsup.dataset": spec.data.source,
         "selfsup.config_hash": spec.config_hash(),
         tags.CODE_VERSION: code_version(),
-        tags.INPUT_SHAPE: "x".join(str(size) for size in dataset.images.shape[1:]),
+        tags.INPUT_SHAPE: _input_shape(spec),
         tags.TRAIN_SEED: str(spec.train.seed),
     }
     if evaluation is None:
-        version_tags[tags.EVAL_SKIPPED] = f"{spec.data.source} has no labels"
+        version_tags[tags.EVAL_SKIPPED] = f"{spec.evaluate.data or spec.data.source} has no labels"
         return version_tags
     version_tags |= {
         tags.SPLIT_TEST_FRACTION: str(evaluation.split["test_fraction"]),
@@ -149,18 +167,29 @@ def _version_tags(
     }
 
 
+def _input_shape(spec: JobSpec) -> str:
+    """C x H x W of the images, or D for vectors (spiral), as the encoder takes them."""
+    if spec.data.side == 1:
+        return str(spec.data.depth)
+    return f"{spec.data.depth}x{spec.data.side}x{spec.data.side}"
+
+
 def run_job(job: dict) -> dict[str, float | str]:
     spec: JobSpec = parse_spec(job["spec"])
     client = MlflowClient(tracking_uri=job["tracking_uri"], registry_uri=job["tracking_uri"])
     run_id, job_id = job["run_id"], job["job_id"]
 
-    checkpoint = pretrain(spec, job_id, run_id, job["tracking_uri"], job["storage_path"])
+    user_data = prepare_user_data(spec) if spec.data.is_user_data else None
+    checkpoint = pretrain(spec, job_id, run_id, job["tracking_uri"], job["storage_path"], user_data)
+    if user_data is not None:
+        check_bad_samples(user_data)
+    if checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(checkpoint.to_directory(str(Path(scratch) / "final")))
         encoder_dir = local / ENCODER_DIR
         encoder = load_encoder_dir(encoder_dir)
-        dataset = load_data_section(spec.data.model_dump(mode="json"))
-        evaluation = _evaluate(spec, encoder, dataset, client, run_id)
+        evaluation = _evaluate(spec, encoder, user_data, client, run_id)
         summary: dict[str, float | str] = dict(evaluation.metrics) if evaluation else {}
         if spec.registration:
             version = register_encoder(
@@ -169,7 +198,7 @@ def run_job(job: dict) -> dict[str, float | str]:
                 encoder_dir,
                 spec.registration.model,
                 spec.registration.alias,
-                _version_tags(spec, job_id, dataset, evaluation),
+                _version_tags(spec, job_id, evaluation),
                 _description(spec, job_id),
             )
             for key, value in (

@@ -7,10 +7,19 @@ storage, so ``ray.train.get_checkpoint()`` in the workers returns the latest che
 
 from __future__ import annotations
 
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions, ExecutionResources
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.spec import JobSpec
+from pipelines.user_data import UserData
 from workers.train_loop import train_loop_per_worker
 
 # Worker crashes inside one run that Ray Train absorbs by restarting the gang from the
@@ -24,20 +33,36 @@ TRAIN_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}
 
 
 def pretrain(
-    spec: JobSpec, job_id: str, run_id: str, tracking_uri: str, storage_path: str
-) -> Checkpoint:
+    spec: JobSpec,
+    job_id: str,
+    run_id: str,
+    tracking_uri: str,
+    storage_path: str,
+    user_data: UserData | None = None,
+) -> Checkpoint | None:
+    """The latest checkpoint. On a user's images the workers stop early, without one for
+    that epoch, past the unreadable-image limit: the driver checks the count first."""
     resources = spec.resources
+    config = {"spec": spec, "run_id": run_id, "tracking_uri": tracking_uri}
+    data_options: dict = {}
+    if user_data is not None:
+        config["images"] = user_data.images
+        # Ray Train splits "train" into one equal shard per worker (streaming_split), and
+        # its decode tasks use at most the CPUs the job reserved for them.
+        limits = ExecutionResources(cpu=resources.data_cpus)
+        data_options = {
+            "datasets": {"train": user_data.stream},
+            "dataset_config": DataConfig(
+                execution_options=ExecutionOptions(resource_limits=limits)
+            ),
+        }
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "spec": spec,
-            "run_id": run_id,
-            "tracking_uri": tracking_uri,
-        },
+        train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker
@@ -48,8 +73,6 @@ def pretrain(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
         ),
+        **data_options,
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    return result.checkpoint
+    return trainer.fit().checkpoint

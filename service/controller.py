@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from mlflow.entities import RunStatus
 
 from pipelines import tags
+from pipelines.sources import source_problems
 from pipelines.spec import JobSpec, SpecError, load_spec_text
 from service.auth import Principal
 from service.ray_jobs import RayJobPhase, RayJobs
@@ -47,9 +48,22 @@ class IdempotencyConflict(Exception):
 
 
 def gang_resources(spec: JobSpec) -> tuple[float, float]:
-    """CPUs and GPUs the whole gang of workers needs at once."""
-    workers = spec.resources.workers
-    return workers * spec.resources.cpus_per_worker, workers * spec.resources.gpus_per_worker
+    """CPUs and GPUs the whole gang of workers needs at once, with the CPUs that decode a
+    user's images beside it."""
+    resources = spec.resources
+    cpus = resources.workers * resources.cpus_per_worker + (resources.data_cpus or 0.0)
+    return cpus, resources.workers * resources.gpus_per_worker
+
+
+def data_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What keeps a user's images (and labelled evaluation images) from being read: one
+    bounded listing each, so a prefix of a million objects is checked in one page."""
+    if not spec.data.is_user_data:
+        return []
+    problems = source_problems(spec.data.source, "data.source")
+    if spec.evaluate.data is not None:
+        problems += source_problems(spec.evaluate.data, "evaluate.data")
+    return problems
 
 
 class Controller:
@@ -97,6 +111,8 @@ class Controller:
         """Validate, then queue; (job, True) if new, (the key's earlier job, False) if the
         key was seen. A SpecError leaves nothing behind."""
         spec = load_spec_text(spec_text)
+        if problems := data_problems(spec):
+            raise SpecError(problems)
         cpus, gpus = gang_resources(spec)
         total = self.capacity()
         if not Resources(cpus, gpus).fits_within(total):
