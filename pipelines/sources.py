@@ -74,10 +74,10 @@ class ImageSource:
         """Every object under the source, images or not, in a stable order; at most
         ``limit`` of them."""
         keys = self._s3_keys() if self.scheme == "s3" else self._file_keys()
-        for count, key in enumerate(keys):
-            if limit is not None and count >= limit:
-                return
+        for count, key in enumerate(keys, start=1):
             yield key
+            if count == limit:  # stop before the next key, which may cost another page
+                return
 
     def _file_keys(self) -> Iterator[str]:
         root = Path(self.root)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from service.client import ApiClient
+from tests.s3 import S3Endpoint, s3_server
 
 # Short socket paths (Ray's unix sockets live under its temp dir) and no usage reporting.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -141,7 +142,22 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def s3() -> Iterator[S3Endpoint]:
+    """moto's S3 server on loopback, its address and key in this process's environment (the
+    standard AWS_* variables), so the stack started after it reads S3 from there too."""
+    with s3_server() as endpoint:
+        saved = {name: os.environ.get(name) for name in endpoint.env}
+        os.environ.update(endpoint.env)
+        yield endpoint
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def stack(s3: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("selfsup-home")
     running = Stack(home)
     running.cli("up", "--num-cpus", "2", check=True, timeout=180)

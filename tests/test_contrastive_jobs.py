@@ -2,36 +2,31 @@
 split (test_fraction 0.8: 359 of the 1797 digits, 179 per worker) in global batches of 64,
 i.e. 5 steps.
 
-MoCo takes the full job path: the real CLI -> controller -> Ray Job -> Ray Train (2 gloo
-workers) -> MLflow run -> linear probe -> Model Registry -> selfsup.load_encoder. Siamese and
-PIRL run the very same ``train_loop_per_worker`` on 2 gloo ranks inside the Ray Train run
-shared with the other distributed tests (tests/train_loop_runs.py), then register their
-encoders and load them: the same training, without a second and third ~40 s job start-up."""
+Each runs the very same ``train_loop_per_worker`` as a job on 2 gloo ranks inside the Ray
+Train run shared with the other distributed tests (tests/train_loop_runs.py), then registers
+its encoder and loads it: the same training, without a ~40 s job start-up each. The full job
+path (CLI -> controller -> Ray Job -> Ray Train -> MLflow -> registry) for contrastive methods
+is taken by SimCLR and PIRL on users' images (tests/test_user_data_jobs.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.spec import read_yaml
-from tests.conftest import Stack
 from tests.train_loop_runs import (
     Runs,
-    assert_loads_and_reproduces,
     register_and_assert_loads,
     register_train_loops,
     train_loop_runs,
 )
-from workers.train_loop import REFERENCE_FILE
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 STEPS = 5  # (359 // 2 workers) // 32 per worker
 # K: a multiple of the global batch (64), below 359 - 64; PIRL's negatives: below 359.
-FULL_PATH = {"moco": {"queue_size": 128}}
-IN_PROCESS = {"siamese": {}, "pirl": {"num_negatives": 128}}
+IN_PROCESS = {"siamese": {}, "moco": {"queue_size": 128}, "pirl": {"num_negatives": 128}}
 
 
 def tiny_document(method: str, overrides: dict) -> dict:
@@ -61,27 +56,6 @@ def assert_trained(client: MlflowClient, run_id: str, method: str) -> None:
     assert run.data.metrics["train.epoch_loss"] > 0
     if method == "pirl":  # both NCE terms are logged beside their mix
         assert {"train.jigsaw_loss", "train.image_loss"} <= run.data.metrics.keys()
-
-
-@pytest.mark.parametrize("method", sorted(FULL_PATH))
-def test_method_trains_through_the_job_path(stack: Stack, tmp_path: Path, method: str) -> None:
-    document = tiny_document(method, FULL_PATH[method])
-    path = tmp_path / f"{document['name']}.yaml"
-    path.write_text(json.dumps(document))  # JSON is YAML
-    result = stack.cli("job", "submit", str(path), "--wait")
-    job_id = result.stdout.split()[1]
-    job = json.loads(stack.cli("job", "status", job_id, "-o", "json", check=True).stdout)
-    assert job["state"] == "SUCCEEDED", (job["message"], result.stderr[-3000:])
-
-    client = MlflowClient(stack.tracking_uri)
-    assert_trained(client, job["mlflow_run_id"], method)
-    run = client.get_run(job["mlflow_run_id"])
-    assert run.data.params["method.name"] == method
-    assert 0.1 < run.data.metrics["eval.linear.top1"] <= 1.0
-    # The registered encoder is the trained one: it reproduces the features that the final
-    # checkpoint stored for held-out images.
-    (checkpoint,) = {p.parent for p in (stack.home / "runs" / job_id).glob(f"*/{REFERENCE_FILE}")}
-    assert_loads_and_reproduces(document["name"], stack.tracking_uri, checkpoint)
 
 
 register_train_loops(

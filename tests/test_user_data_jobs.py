@@ -1,0 +1,294 @@
+"""Users' images through the full job path: a folder (SimCLR) and an S3 bucket on moto's
+loopback server (PIRL) of crops of bundled photographs at mixed sizes, grey, colour and RGBA,
+with corrupt and truncated files among them. Each job goes CLI -> controller -> Ray Job ->
+Ray Data decode tasks -> Ray Train (2 gloo workers) -> MLflow -> evaluation on the class
+folders -> Model Registry -> selfsup.load_encoder. Then every bad input: refused at submit
+(exit 2 or HTTP 422, the field named, nothing stored), or, for too many unreadable files, a
+job that fails as a user error and leaves what was stored before untouched."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from examples.make_image_folder import generate_images, write_image_folder
+from pipelines.sources import Catalog, ImageSource, _s3_client, source_problems
+from pipelines.spec import load_spec_text
+from pipelines.user_data import _labels
+from service.client import ApiError
+from service.config import StatePaths
+from service.controller import data_problems
+from service.stack import ray_auth_env
+from tests.conftest import Stack
+from tests.s3 import S3Endpoint
+from tests.train_loop_runs import assert_loads_and_reproduces
+from workers.data import split_samples
+from workers.train_loop import REFERENCE_FILE
+
+CLASSES = ("astronaut", "brick", "coffee", "grass", "chelsea")  # brick and grass are grey
+PER_CLASS = 40
+BUCKET, PREFIX = "selfsup-images", "photos/"
+# Not images, though named as images: random bytes, a PNG cut short, an empty file.
+BROKEN = {
+    "astronaut/broken-0.jpg": b"this is not a JPEG",
+    "brick/broken-1.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 20,
+    "coffee/broken-2.png": b"",
+    "grass/broken-3.jpg": b"\xff\xd8\xff\xe0 truncated",
+    "chelsea/broken-4.webp": b"RIFF....WEBP",
+    "astronaut/broken-5.bmp": b"BM",
+}
+
+
+def _rgba_png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (45, 70, 4), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("user-images")
+    write_image_folder(root, PER_CLASS, seed=0, classes=CLASSES)
+    (root / "coffee" / "rgba.png").write_bytes(_rgba_png(0))
+    (root / "coffee" / "notes.txt").write_text("not an image: skipped by the listing")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bucket(s3: S3Endpoint) -> str:
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    objects = dict(generate_images(PER_CLASS, seed=1, classes=CLASSES))
+    objects |= BROKEN | {"grass/rgba.png": _rgba_png(1)}
+    for key, data in objects.items():
+        client.put_object(Bucket=BUCKET, Key=PREFIX + key, Body=data)
+    return f"s3://{BUCKET}/{PREFIX}"
+
+
+def job_document(name: str, method: dict, source: str, **data: object) -> dict:
+    return {
+        "name": name,
+        "method": method,
+        "encoder": {"arch": "small-convnet", "out_dim": 64},
+        "data": {"source": source, "image_size": 32, "channels": 3, **data},
+        "augment": {"preset": "simclr"},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 2e-3, "seed": 0, "log_every_steps": 1},
+        # Two workers of half a CPU and one CPU for the decode tasks: the 2-CPU test stack.
+        "resources": {"workers": 2, "cpus_per_worker": 0.5, "data_cpus": 1},
+        "evaluate": {
+            "linear": True,
+            "knn": True,
+            "label_fractions": [],
+            "finetune": False,
+            "baselines": False,
+        },
+        "register": {"model": name, "alias": "candidate"},
+    }
+
+
+def submit(stack: Stack, document: dict, folder: Path) -> tuple[dict, str]:
+    path = folder / f"{document['name']}.yaml"
+    path.write_text(json.dumps(document))
+    result = stack.cli("job", "submit", str(path), "--wait")
+    job_id = result.stdout.split()[1]
+    job = json.loads(stack.cli("job", "status", job_id, "-o", "json", check=True).stdout)
+    return job, result.stderr
+
+
+def assert_registered_and_loads(stack: Stack, job: dict, model: str) -> None:
+    version = MlflowClient(stack.tracking_uri).get_model_version(model, "1")
+    assert version.tags["selfsup.input_shape"] == "3x32x32"
+    assert len(version.tags["selfsup.split.digest"]) == 16
+    (checkpoint,) = {
+        path.parent for path in (stack.home / "runs" / job["id"]).glob(f"*/{REFERENCE_FILE}")
+    }
+    assert_loads_and_reproduces(model, stack.tracking_uri, checkpoint)
+
+
+def test_simclr_trains_on_a_folder_of_images(stack: Stack, folder: Path, tmp_path: Path) -> None:
+    method = {"name": "simclr", "temperature": 0.2, "projection_dim": 32, "hidden_dim": 64}
+    document = job_document("test-simclr-folder", method, f"file://{folder}")
+    job, stderr = submit(stack, document, tmp_path)
+    assert job["state"] == "SUCCEEDED", (job["message"], stderr[-3000:])
+
+    run = MlflowClient(stack.tracking_uri).get_run(job["mlflow_run_id"])
+    assert run.data.metrics["data.bad_samples"] == 0
+    # 5 classes x 40 + the RGBA image, a quarter held out: 150 training images, 2 steps of 64
+    # an epoch (2 ranks x 32).
+    assert run.data.metrics["train.step"] == 4
+    # Crops of five different pictures: any working encoder tells most of them apart.
+    assert run.data.metrics["eval.linear.top1"] > 0.5
+    assert run.data.metrics["eval.knn.top1"] > 0.5
+    assert_registered_and_loads(stack, job, document["name"])
+
+
+def test_pirl_trains_on_an_s3_bucket_skipping_unreadable_files(
+    stack: Stack, s3: S3Endpoint, bucket: str, tmp_path: Path
+) -> None:
+    method = {"name": "pirl", "num_negatives": 64, "projection_dim": 32, "hidden_dim": 64}
+    document = job_document("test-pirl-s3", method, bucket, max_bad_fraction=0.1)
+    job, stderr = submit(stack, document, tmp_path)
+    assert job["state"] == "SUCCEEDED", (job["message"], stderr[-3000:])
+
+    catalog = Catalog.list(ImageSource.parse(bucket))
+    split = split_samples(len(catalog.keys), _labels(catalog), 0.25, 0)
+    broken_in_training = {catalog.keys[i] for i in split.train} & BROKEN.keys()
+    assert broken_in_training, "the fixture should put some broken files in the training split"
+    client = MlflowClient(stack.tracking_uri)
+    run = client.get_run(job["mlflow_run_id"])
+    assert run.data.metrics["data.bad_samples"] == len(broken_in_training)
+    assert run.data.metrics["eval.linear.top1"] > 0.5
+    assert_registered_and_loads(stack, job, document["name"])
+    logs = stack.cli("job", "logs", job["id"], check=True).stdout
+    assert f"skipped {len(broken_in_training)} unreadable images" in logs
+    assert any(key in logs for key in broken_in_training)
+
+    # The S3 key is nowhere a user or an operator reads: params, tags, logs, stored spec,
+    # the Ray job's entrypoint and runtime environment.
+    secret = s3.secret_key
+    assert all(secret not in value for value in run.data.params.values())
+    assert all(secret not in value for value in run.data.tags.values())
+    assert secret not in logs and secret not in json.dumps(job)
+    ray_jobs = _ray_job_records(stack)
+    assert job["id"] in ray_jobs and secret not in ray_jobs
+
+
+def _ray_job_records(stack: Stack) -> str:
+    """Every Ray job the stack's head knows, entrypoint and runtime env included, as text
+    (read in a process of its own, which holds the head's token)."""
+    script = (
+        "import sys; from ray.job_submission import JobSubmissionClient; "
+        "print(JobSubmissionClient(sys.argv[1]).list_jobs())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, stack.info["dashboard_url"]],
+        env={**stack.env, **ray_auth_env(StatePaths(stack.home))},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return result.stdout
+
+
+def test_too_many_unreadable_files_fail_the_job_as_a_user_error(
+    stack: Stack, bucket: str, tmp_path: Path
+) -> None:
+    method = {"name": "simclr", "temperature": 0.2, "projection_dim": 32, "hidden_dim": 64}
+    document = job_document("test-too-many-bad", method, bucket, max_bad_fraction=0.0)
+    document["max_retries"] = 2
+    registry = MlflowClient(stack.tracking_uri)
+    before = [(v.name, v.version) for v in registry.search_model_versions()]
+    job, stderr = submit(stack, document, tmp_path)
+    assert job["state"] == "FAILED", (job["message"], stderr[-3000:])
+    assert "could not be decoded" in job["message"] and "max_bad_fraction" in job["message"]
+    assert any(key in job["message"] for key in BROKEN)
+    assert job["attempts"] == 1  # a user error: not retried
+    run = MlflowClient(stack.tracking_uri).get_run(job["mlflow_run_id"])
+    assert run.data.tags["selfsup.error_kind"] == "user"
+    # Nothing registered for it, and every version registered before is still there.
+    assert [(v.name, v.version) for v in registry.search_model_versions()] == before
+
+
+def _stored(stack: Stack) -> tuple[str, int]:
+    client = MlflowClient(stack.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return stack.cli("job", "list", "-o", "json", "--all", check=True).stdout, len(runs)
+
+
+def test_unreadable_sources_are_refused_at_submit(
+    stack: Stack, bucket: str, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("no images here")
+    method = {"name": "simclr"}
+    cases = [
+        ({"source": f"file://{tmp_path}/missing"}, "data.source", "does not exist"),
+        ({"source": f"file://{empty}"}, "data.source", "is empty"),
+        ({"source": f"file://{texts}"}, "data.source", "no image files"),
+        ({"source": "s3://no-such-bucket-here/x/"}, "data.source", "does not exist"),
+        ({"source": f"s3://{BUCKET}/nothing-here/"}, "data.source", "is empty"),
+        ({"source": f"s3://key:secret@{BUCKET}/{PREFIX}"}, "data.source", "credentials"),
+        ({"source": "file://relative/path"}, "data.source", "three slashes"),
+    ]
+    before = _stored(stack)
+    for data, field, words in cases:
+        document = job_document("refused", method, **data)
+        path = tmp_path / "refused.yaml"
+        path.write_text(json.dumps(document))
+        result = stack.cli("job", "submit", str(path))
+        assert result.returncode == 2, (data, result.stdout, result.stderr)
+        assert field in result.stderr and words in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    # evaluate.data is checked the same way, and through the HTTP API too.
+    document = job_document("refused", method, bucket)
+    document["evaluate"]["data"] = f"file://{tmp_path}/no-labels-here"
+    with pytest.raises(ApiError) as refused:
+        stack.admin.request("POST", "/v1/jobs", {"spec": json.dumps(document)})
+    assert refused.value.status == 422
+    assert "evaluate.data" in str(refused.value) and "does not exist" in str(refused.value)
+    assert _stored(stack) == before
+
+
+def _problems_with(monkeypatch: pytest.MonkeyPatch, source: str, **env: str) -> str:
+    """The submit check of a spec on ``source`` under the AWS_* settings ``env``."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _s3_client.cache_clear()
+    try:
+        spec = load_spec_text(json.dumps(job_document("check", {"name": "simclr"}, source)))
+        return " ".join(message for _, message in data_problems(spec))
+    finally:
+        _s3_client.cache_clear()
+
+
+def test_the_submit_check_names_wrong_s3_settings(
+    s3: S3Endpoint, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint and the key are the controller's environment, not the spec's: the same
+    check the controller runs at submit, under wrong settings."""
+    assert _problems_with(monkeypatch, bucket) == ""
+    wrong_secret = _problems_with(monkeypatch, bucket, AWS_SECRET_ACCESS_KEY="wrong")
+    assert "credentials were refused" in wrong_secret
+    unknown_key = _problems_with(monkeypatch, bucket, AWS_ACCESS_KEY_ID="AKIAUNKNOWN")
+    assert "credentials were refused" in unknown_key
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    wrong_endpoint = _problems_with(monkeypatch, bucket, AWS_ENDPOINT_URL=closed)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
+    assert "cannot reach the S3 endpoint" in wrong_endpoint and closed in wrong_endpoint
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert "no S3 credentials" in _problems_with(monkeypatch, bucket)
+
+
+def test_the_submit_check_lists_one_page_of_a_large_prefix(s3: S3Endpoint) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket="selfsup-many")
+    for number in range(1100):
+        client.put_object(Bucket="selfsup-many", Key=f"big/{number:05d}.txt", Body=b"x")
+    client.put_object(Bucket="selfsup-many", Key="big/zz.png", Body=_rgba_png(2))
+    _s3_client.cache_clear()
+    calls: list[str] = []
+    _s3_client().meta.events.register(
+        "before-call.s3.ListObjectsV2", lambda **_: calls.append("list")
+    )
+    problems = source_problems("s3://selfsup-many/big/", "data.source")
+    # The one image sits past the first page: the check looked at 1000 objects, not all.
+    assert calls == ["list"]
+    assert problems and "among the first 1000 objects" in problems[0][1]
+    _s3_client.cache_clear()
