@@ -12,7 +12,7 @@ and uploaded to moto's S3 server on loopback, at 32x32 and 96x96:
 - the consuming process's peak resident memory while it streams one epoch, at two dataset
   sizes 10x apart (each in a fresh process).
 
-    .venv/bin/python -m benchmarks.bench_stream [--images 1400] [--steps 20]
+    .venv/bin/python -m benchmarks.bench_stream [--images 2800] [--steps 20]
 
 Ray runs in this process with 2 CPUs: decode tasks and the training step share the machine's
 cores, as they do on the 2-core test stack (one CPU reserved for decoding).
@@ -140,7 +140,7 @@ def _peak_rss(source: str, side: int, address: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=1400, help="images in the dataset")
+    parser.add_argument("--images", type=int, default=2800, help="images in the dataset")
     parser.add_argument("--steps", type=int, default=20, help="timed SimCLR steps per feed")
     parser.add_argument("--peak-rss-of", nargs=2, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
