@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from examples.make_image_folder import CLASSES, generate_images, write_image_folder
 from pipelines.sources import Catalog, ImageSource
 from pipelines.spec import JobSpec, load_spec_text
-from pipelines.user_data import _labels
+from pipelines.user_data import catalog_labels
 from workers.data import split_samples
 from workers.images import BadSamples, image_stream, load_images
 from workers.step import build_training
@@ -63,7 +63,7 @@ def _spec(source: str, side: int) -> JobSpec:
 def _stream_batches(source: str, side: int) -> Iterator[torch.Tensor]:
     """One epoch of the training split as a TorchTrainer worker's shard delivers it."""
     catalog = Catalog.list(ImageSource.parse(source))
-    split = split_samples(len(catalog.keys), _labels(catalog), 0.25, 0)
+    split = split_samples(len(catalog.keys), catalog_labels(catalog), 0.25, 0)
     stream = image_stream(catalog, split.train, side, 3, BadSamples.remote(), seed=0)
     (shard,) = stream.streaming_split(1, equal=True)
     for batch in shard.iter_torch_batches(batch_size=BATCH, drop_last=True):
@@ -78,7 +78,7 @@ def _memory_batches(images: torch.Tensor) -> Iterator[torch.Tensor]:
 
 def _decoded(source: str, side: int) -> torch.Tensor:
     catalog = Catalog.list(ImageSource.parse(source))
-    split = split_samples(len(catalog.keys), _labels(catalog), 0.25, 0)
+    split = split_samples(len(catalog.keys), catalog_labels(catalog), 0.25, 0)
     images, _ = load_images(catalog, split.train, side, 3)
     return torch.from_numpy(images).float().div_(255.0)
 

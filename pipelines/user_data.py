@@ -38,7 +38,9 @@ def prepare_user_data(spec: JobSpec) -> UserData:
     data = spec.data
     catalog = Catalog.list(ImageSource.parse(data.source))
     check_listed(spec, len(catalog.keys))
-    split = split_samples(len(catalog.keys), _labels(catalog), data.test_fraction, data.split_seed)
+    split = split_samples(
+        len(catalog.keys), catalog_labels(catalog), data.test_fraction, data.split_seed
+    )
     bad = BadSamples.remote()
     stream = image_stream(
         catalog, split.train, data.side, data.depth, bad, spec.train.seed, spec.resources.data_cpus
@@ -74,7 +76,7 @@ def check_bad_samples(user_data: UserData) -> int:
     return count
 
 
-def _labels(catalog: Catalog) -> torch.Tensor | None:
+def catalog_labels(catalog: Catalog) -> torch.Tensor | None:
     return torch.tensor(catalog.labels, dtype=torch.int64) if catalog.labels else None
 
 

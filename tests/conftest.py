@@ -18,6 +18,7 @@ import pytest
 
 from service.client import ApiClient
 from tests.s3 import S3Endpoint, s3_server
+from tests.user_images import fill_bucket
 
 # Short socket paths (Ray's unix sockets live under its temp dir) and no usage reporting.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -154,6 +155,12 @@ def s3() -> Iterator[S3Endpoint]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def bucket(s3: S3Endpoint) -> str:
+    """A bucket of users' images on the S3 server (tests/user_images.py); its URI."""
+    return fill_bucket(s3)
 
 
 @pytest.fixture(scope="session")

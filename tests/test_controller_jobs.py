@@ -1,6 +1,7 @@
 """The controller with real jobs on the real stack: admission in priority order with room for
-one gang, a Ray Train worker killed mid-run, the controller itself killed and restarted, a
-driver killed so that the controller retries the job from its checkpoint, and the watchdog."""
+one gang, a Ray Train worker killed mid-run on images streamed from S3, the controller itself
+killed and restarted, a driver killed so that the controller retries the job from its
+checkpoint, and the watchdog."""
 
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipelines.sources import Catalog, ImageSource
 from pipelines.spec import read_yaml
+from pipelines.user_data import catalog_labels
 from service.client import ApiClient
 from service.stack import _answers, _free_port
 from service.store import JobState
 from tests.conftest import SELFSUP, Stack
 from tests.processes import command_line, find
+from tests.user_images import BROKEN, job_document
+from workers.data import split_samples
 
 SPECS = Path(__file__).parent / "specs"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "simclr-digits.yaml"
@@ -88,8 +93,26 @@ def test_one_gang_at_a_time_in_priority_order(stack: Stack, tmp_path: Path) -> N
     assert starts[10] < starts[5] < starts[0]
 
 
-def test_job_survives_a_killed_worker_and_a_killed_controller(stack: Stack, tmp_path: Path) -> None:
-    job_id = submit(stack, training_spec(tmp_path, "chaos-digits", epochs=5))
+def s3_training_spec(tmp_path: Path, bucket: str, name: str, epochs: int) -> Path:
+    """SimCLR on the users' images in the test bucket (tests/user_images.py), no evaluation."""
+    method = {"name": "simclr", "temperature": 0.2, "projection_dim": 32, "hidden_dim": 64}
+    document = job_document(name, method, bucket, max_bad_fraction=0.1)
+    document["train"]["epochs"] = epochs
+    document["evaluate"] = {"linear": False, "knn": False, "label_fractions": [], "finetune": False}
+    document.pop("register")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_job_survives_a_killed_worker_and_a_killed_controller(
+    stack: Stack, bucket: str, tmp_path: Path
+) -> None:
+    """On users' images streamed from S3 by Ray Data: the restarted gang gets new shards of
+    the same stream and redoes the interrupted epoch whole from the latest checkpoint, so
+    the step count goes on from the checkpoint's and ends where a straight run ends."""
+    epochs = 8
+    job_id = submit(stack, s3_training_spec(tmp_path, bucket, "chaos-s3", epochs))
     # `job logs -f` follows the job from the start, through both kills, to its end.
     follower = subprocess.Popen(
         [SELFSUP, "job", "logs", job_id, "-f"], env=stack.env, stdout=subprocess.PIPE, text=True
@@ -115,7 +138,16 @@ def test_job_survives_a_killed_worker_and_a_killed_controller(stack: Stack, tmp_
     client = MlflowClient(stack.tracking_uri)
     run = client.get_run(job["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert client.get_metric_history(run.info.run_id, "train.resumed_from_epoch")
+    (resume,) = client.get_metric_history(run.info.run_id, "train.resumed_from_epoch")
+    catalog = Catalog.list(ImageSource.parse(bucket))
+    train = split_samples(len(catalog.keys), catalog_labels(catalog), 0.25, 0).train
+    steps_per_epoch = len(train) // 2 // 32  # 2 ranks, 32 images each a step
+    assert resume.step == (int(resume.value) + 1) * steps_per_epoch
+    steps = client.get_metric_history(run.info.run_id, "train.step")
+    assert max(m.step for m in steps) == epochs * steps_per_epoch
+    # Unreadable files are counted once each, however often the redone epoch met them.
+    broken_in_training = {catalog.keys[i] for i in train} & BROKEN.keys()
+    assert run.data.metrics["data.bad_samples"] == len(broken_in_training)
     followed, _ = follower.communicate(timeout=60)  # it ends by itself once the job has
     assert follower.returncode == 0
     assert f'"job_id": "{job_id}"' in followed  # the driver's last words

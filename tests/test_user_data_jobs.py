@@ -8,21 +8,18 @@ job that fails as a user error and leaves what was stored before untouched."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
-from examples.make_image_folder import generate_images, write_image_folder
+from examples.make_image_folder import write_image_folder
 from pipelines.sources import Catalog, ImageSource, _s3_client, source_problems
 from pipelines.spec import load_spec_text
-from pipelines.user_data import _labels
+from pipelines.user_data import catalog_labels
 from service.client import ApiError
 from service.config import StatePaths
 from service.controller import data_problems
@@ -30,69 +27,18 @@ from service.stack import ray_auth_env
 from tests.conftest import Stack
 from tests.s3 import S3Endpoint
 from tests.train_loop_runs import assert_loads_and_reproduces
+from tests.user_images import BROKEN, BUCKET, CLASSES, PER_CLASS, PREFIX, job_document, rgba_png
 from workers.data import split_samples
 from workers.train_loop import REFERENCE_FILE
-
-CLASSES = ("astronaut", "brick", "coffee", "grass", "chelsea")  # brick and grass are grey
-PER_CLASS = 40
-BUCKET, PREFIX = "selfsup-images", "photos/"
-# Not images, though named as images: random bytes, a PNG cut short, an empty file.
-BROKEN = {
-    "astronaut/broken-0.jpg": b"this is not a JPEG",
-    "brick/broken-1.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 20,
-    "coffee/broken-2.png": b"",
-    "grass/broken-3.jpg": b"\xff\xd8\xff\xe0 truncated",
-    "chelsea/broken-4.webp": b"RIFF....WEBP",
-    "astronaut/broken-5.bmp": b"BM",
-}
-
-
-def _rgba_png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (45, 70, 4), dtype=np.uint8)
-    encoded = io.BytesIO()
-    Image.fromarray(pixels, "RGBA").save(encoded, format="PNG")
-    return encoded.getvalue()
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("user-images")
     write_image_folder(root, PER_CLASS, seed=0, classes=CLASSES)
-    (root / "coffee" / "rgba.png").write_bytes(_rgba_png(0))
+    (root / "coffee" / "rgba.png").write_bytes(rgba_png(0))
     (root / "coffee" / "notes.txt").write_text("not an image: skipped by the listing")
     return root
-
-
-@pytest.fixture(scope="module")
-def bucket(s3: S3Endpoint) -> str:
-    client = s3.client()
-    client.create_bucket(Bucket=BUCKET)
-    objects = dict(generate_images(PER_CLASS, seed=1, classes=CLASSES))
-    objects |= BROKEN | {"grass/rgba.png": _rgba_png(1)}
-    for key, data in objects.items():
-        client.put_object(Bucket=BUCKET, Key=PREFIX + key, Body=data)
-    return f"s3://{BUCKET}/{PREFIX}"
-
-
-def job_document(name: str, method: dict, source: str, **data: object) -> dict:
-    return {
-        "name": name,
-        "method": method,
-        "encoder": {"arch": "small-convnet", "out_dim": 64},
-        "data": {"source": source, "image_size": 32, "channels": 3, **data},
-        "augment": {"preset": "simclr"},
-        "train": {"epochs": 2, "batch_size": 64, "lr": 2e-3, "seed": 0, "log_every_steps": 1},
-        # Two workers of half a CPU and one CPU for the decode tasks: the 2-CPU test stack.
-        "resources": {"workers": 2, "cpus_per_worker": 0.5, "data_cpus": 1},
-        "evaluate": {
-            "linear": True,
-            "knn": True,
-            "label_fractions": [],
-            "finetune": False,
-            "baselines": False,
-        },
-        "register": {"model": name, "alias": "candidate"},
-    }
 
 
 def submit(stack: Stack, document: dict, folder: Path) -> tuple[dict, str]:
@@ -140,7 +86,7 @@ def test_pirl_trains_on_an_s3_bucket_skipping_unreadable_files(
     assert job["state"] == "SUCCEEDED", (job["message"], stderr[-3000:])
 
     catalog = Catalog.list(ImageSource.parse(bucket))
-    split = split_samples(len(catalog.keys), _labels(catalog), 0.25, 0)
+    split = split_samples(len(catalog.keys), catalog_labels(catalog), 0.25, 0)
     broken_in_training = {catalog.keys[i] for i in split.train} & BROKEN.keys()
     assert broken_in_training, "the fixture should put some broken files in the training split"
     client = MlflowClient(stack.tracking_uri)
@@ -281,7 +227,7 @@ def test_the_submit_check_lists_one_page_of_a_large_prefix(s3: S3Endpoint) -> No
     client.create_bucket(Bucket="selfsup-many")
     for number in range(1100):
         client.put_object(Bucket="selfsup-many", Key=f"big/{number:05d}.txt", Body=b"x")
-    client.put_object(Bucket="selfsup-many", Key="big/zz.png", Body=_rgba_png(2))
+    client.put_object(Bucket="selfsup-many", Key="big/zz.png", Body=rgba_png(2))
     _s3_client.cache_clear()
     calls: list[str] = []
     _s3_client().meta.events.register(
