@@ -25,6 +25,7 @@ BUILTIN_DATASET_SIZES = {"digits": 1797}  # patches and spiral: their `count` op
 # data fields of a user's images only, and the side their images are decoded to by default.
 USER_DATA_FIELDS = ("image_size", "channels", "max_bad_fraction")
 DEFAULT_IMAGE_SIZE = 32
+DEFAULT_MAX_BAD_FRACTION = 0.001
 # Encoder archs and the width of their features where encoder.out_dim is left unset. ResNets
 # and ViTs have a fixed width: global pooling before the classifier, and the CLS token.
 ENCODER_WIDTHS = {
@@ -143,7 +144,8 @@ class DataSpec(Section):
     image_size: Annotated[int, Field(ge=4, le=1024)] | None = None
     channels: Literal[1, 3] | None = None
     # Unreadable files skipped before the job fails, as a fraction of the training images.
-    max_bad_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.001
+    # Unset: DEFAULT_MAX_BAD_FRACTION for a user's images.
+    max_bad_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None
     # How many images a listing found: set by the driver once it has listed the source.
     _listed: int | None = PrivateAttr(default=None)
 
@@ -156,6 +158,8 @@ class DataSpec(Section):
                 raise ValueError(f"data.source {error}") from None
             self.image_size = self.image_size or DEFAULT_IMAGE_SIZE
             self.channels = self.channels or 3
+            if self.max_bad_fraction is None:
+                self.max_bad_fraction = DEFAULT_MAX_BAD_FRACTION
             return self
         scheme, _, rest = self.source.partition(":")
         supported = [f"builtin:{name}" for name in BUILTIN_DATASETS]
@@ -173,8 +177,10 @@ class DataSpec(Section):
                 raise ValueError(
                     f"data.{name} sets options of builtin:{name}, not of {self.source}"
                 )
+        # Compared with None, not looked up in the fields set: a stored spec, dumped with
+        # its unset fields as null, must parse again (the driver re-reads it).
         for name in USER_DATA_FIELDS:
-            if name in self.model_fields_set:
+            if getattr(self, name) is not None:
                 raise ValueError(
                     f"data.{name} applies to file:// and s3:// sources; {self.source} sets its own"
                 )

@@ -133,3 +133,20 @@ def test_points_are_accepted_exactly_when_the_method_trains_on_them(
     except Exception as raised:  # noqa: BLE001 - any failure at run time is the point
         error = raised
     assert accepted == (error is None), f"accepted={accepted}, run-time error={error!r}"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"source": "builtin:digits"},
+        {"source": "builtin:patches", "patches": {"size": 8}},
+        {"source": "file:///data/images", "image_size": 64},
+        {"source": "s3://bucket/images/", "max_bad_fraction": 0.01},
+    ],
+)
+def test_a_stored_spec_parses_again_to_the_same_spec(data: dict) -> None:
+    """The controller stores ``model_dump`` (unset fields as null) and the driver parses it
+    again: every source must survive the round trip unchanged."""
+    spec = parse_spec({"name": "round-trip", "method": {"name": "simclr"}, "data": data})
+    again = parse_spec(spec.model_dump(mode="json"))
+    assert again == spec and again.config_hash() == spec.config_hash()

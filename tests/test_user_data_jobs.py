@@ -61,8 +61,13 @@ def assert_registered_and_loads(stack: Stack, job: dict, model: str) -> None:
 
 
 def test_simclr_trains_on_a_folder_of_images(stack: Stack, folder: Path, tmp_path: Path) -> None:
+    """Evaluated on another labelled folder (evaluate.data): other pictures than pretraining
+    saw, as a downstream task would be."""
+    labelled = tmp_path / "labelled"
+    write_image_folder(labelled, 30, seed=5, classes=("rocket", "coins", "retina"))
     method = {"name": "simclr", "temperature": 0.2, "projection_dim": 32, "hidden_dim": 64}
     document = job_document("test-simclr-folder", method, f"file://{folder}")
+    document["evaluate"]["data"] = f"file://{labelled}"
     job, stderr = submit(stack, document, tmp_path)
     assert job["state"] == "SUCCEEDED", (job["message"], stderr[-3000:])
 
@@ -71,9 +76,9 @@ def test_simclr_trains_on_a_folder_of_images(stack: Stack, folder: Path, tmp_pat
     # 5 classes x 40 + the RGBA image, a quarter held out: 150 training images, 2 steps of 64
     # an epoch (2 ranks x 32).
     assert run.data.metrics["train.step"] == 4
-    # Crops of five different pictures: any working encoder tells most of them apart.
-    assert run.data.metrics["eval.linear.top1"] > 0.5
-    assert run.data.metrics["eval.knn.top1"] > 0.5
+    # Crops of three different pictures: any working encoder tells most of them apart.
+    assert run.data.metrics["eval.linear.top1"] > 0.6
+    assert run.data.metrics["eval.knn.top1"] > 0.6
     assert_registered_and_loads(stack, job, document["name"])
 
 
