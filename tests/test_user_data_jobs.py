@@ -51,7 +51,9 @@ def submit(stack: Stack, document: dict, folder: Path) -> tuple[dict, str]:
 
 
 def assert_registered_and_loads(stack: Stack, job: dict, model: str) -> None:
-    version = MlflowClient(stack.tracking_uri).get_model_version(model, "1")
+    # The registry named outright: other tests in this process set MLflow's default one.
+    registry = MlflowClient(stack.tracking_uri, registry_uri=stack.tracking_uri)
+    version = registry.get_model_version(model, "1")
     assert version.tags["selfsup.input_shape"] == "3x32x32"
     assert len(version.tags["selfsup.split.digest"]) == 16
     (checkpoint,) = {
@@ -137,7 +139,7 @@ def test_too_many_unreadable_files_fail_the_job_as_a_user_error(
     method = {"name": "simclr", "temperature": 0.2, "projection_dim": 32, "hidden_dim": 64}
     document = job_document("test-too-many-bad", method, bucket, max_bad_fraction=0.0)
     document["max_retries"] = 2
-    registry = MlflowClient(stack.tracking_uri)
+    registry = MlflowClient(stack.tracking_uri, registry_uri=stack.tracking_uri)
     before = [(v.name, v.version) for v in registry.search_model_versions()]
     job, stderr = submit(stack, document, tmp_path)
     assert job["state"] == "FAILED", (job["message"], stderr[-3000:])
