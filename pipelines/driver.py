@@ -106,11 +106,12 @@ def _evaluate(
     labelled = _evaluation_data(spec, user_data)
     if labelled is None:
         where = spec.evaluate.data or spec.data.source
+        why = " (its images are not all in class folders)" if user_data is not None else ""
         client.set_tag(
             run_id,
             tags.EVAL_SKIPPED,
-            f"{where} has no labels (no class folders): linear, kNN and semi-supervised "
-            "evaluation need labels and were skipped",
+            f"{where} has no labels{why}: linear, kNN and semi-supervised evaluation need "
+            "labels and were skipped",
         )
         return None
     dataset, split, source = labelled

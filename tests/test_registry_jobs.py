@@ -245,15 +245,13 @@ def test_the_driver_skips_label_based_evaluation_for_unlabelled_data(
     stack: Stack, job: dict
 ) -> None:
     from pipelines import driver
-    from workers.data import load_dataset
 
     spec = job["spec"].model_copy(deep=True)
     spec.data.source = "builtin:spiral"
     client = MlflowClient(stack.tracking_uri)
     run_id = client.create_run(client.get_run(job["mlflow_run_id"]).info.experiment_id).info.run_id
-    dataset = load_dataset("builtin:spiral")
     encoder = build_encoder(EncoderSpec(arch="mlp", out_dim=16).config(2, 1))
-    assert driver._evaluate(spec, encoder, dataset, client, run_id) is None
+    assert driver._evaluate(spec, encoder, None, client, run_id) is None
     note = client.get_run(run_id).data.tags[tags.EVAL_SKIPPED]
     assert "builtin:spiral has no labels" in note and "skipped" in note
-    assert tags.EVAL_SKIPPED in driver._version_tags(spec, "job-x", dataset, None)
+    assert tags.EVAL_SKIPPED in driver._version_tags(spec, "job-x", None)
