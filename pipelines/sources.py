@@ -73,7 +73,7 @@ class ImageSource:
     def iter_keys(self, limit: int | None = None) -> Iterator[str]:
         """Every object under the source, images or not, in a stable order; at most
         ``limit`` of them."""
-        keys = self._s3_keys() if self.scheme == "s3" else self._file_keys()
+        keys = self._s3_keys(limit) if self.scheme == "s3" else self._file_keys()
         for count, key in enumerate(keys, start=1):
             yield key
             if count == limit:  # stop before the next key, which may cost another page
@@ -87,9 +87,11 @@ class ImageSource:
             for name in sorted(files):
                 yield str(base / name) if base != Path(".") else name
 
-    def _s3_keys(self) -> Iterator[str]:
+    def _s3_keys(self, limit: int | None) -> Iterator[str]:
         pages = _s3_client().get_paginator("list_objects_v2")
-        for page in pages.paginate(Bucket=self.root, Prefix=self.prefix):
+        # A page asks for no more than the caller will read (S3 returns at most 1000).
+        size = {"PageSize": min(limit, 1000)} if limit else {}
+        for page in pages.paginate(Bucket=self.root, Prefix=self.prefix, PaginationConfig=size):
             for item in page.get("Contents", []):
                 yield item["Key"][len(self.prefix) :]
 
@@ -153,9 +155,9 @@ def _s3_problem(source: ImageSource, error: Exception) -> str:
     return f"cannot list {source.uri} at {endpoint}: {type(error).__name__}: {error}"
 
 
-def source_problems(uri: str, field: str) -> list[tuple[str, str]]:
+def source_problems(uri: str, field: str, page_size: int = CHECK_PAGE) -> list[tuple[str, str]]:
     """What keeps ``uri`` from being read, as (field, message) pairs; looks at one page of
-    at most CHECK_PAGE objects."""
+    at most ``page_size`` objects."""
     try:
         source = ImageSource.parse(uri)
     except ValueError as error:
@@ -164,7 +166,7 @@ def source_problems(uri: str, field: str) -> list[tuple[str, str]]:
         what = "is not a folder" if Path(source.root).exists() else "does not exist"
         return [(field, f"{source.root} {what}")]
     try:
-        page = list(source.iter_keys(limit=CHECK_PAGE))
+        page = list(source.iter_keys(limit=page_size))
     except OSError as error:  # an unreadable folder
         return [(field, f"cannot list {source.root}: {error}")]
     except Exception as error:  # noqa: BLE001 - botocore's errors, each turned into words

@@ -111,7 +111,7 @@ def test_job_survives_a_killed_worker_and_a_killed_controller(
     """On users' images streamed from S3 by Ray Data: the restarted gang gets new shards of
     the same stream and redoes the interrupted epoch whole from the latest checkpoint, so
     the step count goes on from the checkpoint's and ends where a straight run ends."""
-    epochs = 8
+    epochs = 6
     job_id = submit(stack, s3_training_spec(tmp_path, bucket, "chaos-s3", epochs))
     # `job logs -f` follows the job from the start, through both kills, to its end.
     follower = subprocess.Popen(

@@ -230,9 +230,11 @@ def test_the_submit_check_names_wrong_s3_settings(
 
 
 def test_the_submit_check_lists_one_page_of_a_large_prefix(s3: S3Endpoint) -> None:
+    """One bounded page however large the prefix: with pages of 10 (1000 at submit), a
+    prefix of 25 objects whose only image sits past the first page costs one listing."""
     client = s3.client()
     client.create_bucket(Bucket="selfsup-many")
-    for number in range(1100):
+    for number in range(24):
         client.put_object(Bucket="selfsup-many", Key=f"big/{number:05d}.txt", Body=b"x")
     client.put_object(Bucket="selfsup-many", Key="big/zz.png", Body=rgba_png(2))
     _s3_client.cache_clear()
@@ -240,8 +242,8 @@ def test_the_submit_check_lists_one_page_of_a_large_prefix(s3: S3Endpoint) -> No
     _s3_client().meta.events.register(
         "before-call.s3.ListObjectsV2", lambda **_: calls.append("list")
     )
-    problems = source_problems("s3://selfsup-many/big/", "data.source")
-    # The one image sits past the first page: the check looked at 1000 objects, not all.
+    problems = source_problems("s3://selfsup-many/big/", "data.source", page_size=10)
     assert calls == ["list"]
-    assert problems and "among the first 1000 objects" in problems[0][1]
+    assert problems and "among the first 10 objects" in problems[0][1]
+    assert source_problems("s3://selfsup-many/big/", "data.source", page_size=30) == []
     _s3_client.cache_clear()
