@@ -19,7 +19,7 @@ import torch
 from pipelines.sources import Catalog, ImageSource
 from pipelines.spec import JobSpec, check_listed
 from workers.data import SampleDataset, Split, split_samples
-from workers.feeds import FIGURE_SAMPLES, REFERENCE_IMAGES
+from workers.feeds import FIGURE_SAMPLES, REFERENCE_IMAGES, BadSampleCount
 from workers.images import BadSamples, StreamedImages, image_stream, load_images
 
 EVAL_MAX_IMAGES = 20_000
@@ -64,16 +64,17 @@ class TooManyBadSamples(ValueError):
     """The job's data, not its infrastructure, failed it: a user error."""
 
 
-def check_bad_samples(user_data: UserData) -> int:
-    """The count of unreadable training images; raises when it is over the spec's limit."""
-    count, examples = ray.get(user_data.images.bad.summary.remote())
-    if count > user_data.images.max_bad:
+def check_bad_samples(user_data: UserData) -> None:
+    """Raise when the unreadable training images are more than the spec allows (the rule
+    the workers stop by: ``BadSampleCount.exceeded``)."""
+    images = user_data.images
+    bad = BadSampleCount(*ray.get(images.bad.summary.remote()), allowed=images.max_bad)
+    if bad.exceeded:
         raise TooManyBadSamples(
-            f"{count} of {user_data.images.train_count} training images of "
+            f"{bad.count} of {images.train_count} training images of "
             f"{user_data.catalog.source.uri} could not be decoded, more than data.max_bad_fraction "
-            f"allows ({user_data.images.max_bad}); e.g. {', '.join(examples)}"
+            f"allows ({bad.allowed}); e.g. {', '.join(bad.examples)}"
         )
-    return count
 
 
 def catalog_labels(catalog: Catalog) -> torch.Tensor | None:
@@ -90,21 +91,19 @@ def evaluation_set(spec: JobSpec, user_data: UserData) -> tuple[SampleDataset, S
         if catalog.labels is None:
             return None
         chosen = _subset(np.arange(len(catalog.keys)), catalog.labels, data.split_seed)
-        images, kept = load_images(catalog, chosen, data.side, data.depth)
-        labels = torch.tensor([catalog.labels[i] for i in kept], dtype=torch.int64)
-        split = split_samples(len(kept), labels, data.test_fraction, data.split_seed)
-        return _dataset(images, labels), split, spec.evaluate.data
+        dataset, kept = _decoded(catalog, chosen, spec)
+        split = split_samples(len(kept), dataset.labels, data.test_fraction, data.split_seed)
+        return dataset, split, spec.evaluate.data
     catalog = user_data.catalog
     if catalog.labels is None:
         return None
     every = np.concatenate([user_data.split.train, user_data.split.test])
-    images, kept = load_images(
-        catalog, np.sort(_subset(every, catalog.labels, data.split_seed)), data.side, data.depth
+    dataset, kept = _decoded(
+        catalog, np.sort(_subset(every, catalog.labels, data.split_seed)), spec
     )
-    labels = torch.tensor([catalog.labels[i] for i in kept], dtype=torch.int64)
     in_test = np.isin(kept, user_data.split.test)
     split = Split(train=np.flatnonzero(~in_test), test=np.flatnonzero(in_test))
-    return _dataset(images, labels), split, data.source
+    return dataset, split, data.source
 
 
 def _subset(indices: np.ndarray, labels: list[int], seed: int) -> np.ndarray:
@@ -121,5 +120,11 @@ def _subset(indices: np.ndarray, labels: list[int], seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def _dataset(images: np.ndarray, labels: torch.Tensor) -> SampleDataset:
-    return SampleDataset(samples=torch.from_numpy(images).float().div_(255.0), labels=labels)
+def _decoded(
+    catalog: Catalog, indices: np.ndarray, spec: JobSpec
+) -> tuple[SampleDataset, np.ndarray]:
+    """The labelled images ``indices`` that decode, as floats in [0, 1], and their indices."""
+    images, kept = load_images(catalog, indices, spec.data.side, spec.data.depth)
+    labels = torch.tensor([catalog.labels[i] for i in kept], dtype=torch.int64)
+    samples = torch.from_numpy(images).float().div_(255.0)
+    return SampleDataset(samples=samples, labels=labels), kept

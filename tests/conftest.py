@@ -121,15 +121,20 @@ class Stack:
         finally:
             self.cli("queue", "resume", check=True)
 
-    def run_job(self, document: dict, folder: Path) -> dict:
-        """Submit a spec document with the CLI's ``job submit --wait``; return the ended job's
-        status, which must be SUCCEEDED."""
-        path = folder / "spec.yaml"
+    def submit_and_wait(self, document: dict, folder: Path) -> tuple[dict, str]:
+        """Submit a spec document with the CLI's ``job submit --wait``; the ended job's
+        status, and the CLI's stderr."""
+        path = folder / f"{document['name']}.yaml"
         path.write_text(json.dumps(document))  # JSON is YAML
         result = self.cli("job", "submit", str(path), "--wait")
         job_id = result.stdout.split()[1]
         job = json.loads(self.cli("job", "status", job_id, "-o", "json", check=True).stdout)
-        assert job["state"] == "SUCCEEDED", (job["message"], result.stderr[-3000:])
+        return job, result.stderr
+
+    def run_job(self, document: dict, folder: Path) -> dict:
+        """``submit_and_wait`` for a job that must succeed."""
+        job, stderr = self.submit_and_wait(document, folder)
+        assert job["state"] == "SUCCEEDED", (job["message"], stderr[-3000:])
         return job
 
     def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float = 300) -> dict:

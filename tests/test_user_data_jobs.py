@@ -41,15 +41,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def submit(stack: Stack, document: dict, folder: Path) -> tuple[dict, str]:
-    path = folder / f"{document['name']}.yaml"
-    path.write_text(json.dumps(document))
-    result = stack.cli("job", "submit", str(path), "--wait")
-    job_id = result.stdout.split()[1]
-    job = json.loads(stack.cli("job", "status", job_id, "-o", "json", check=True).stdout)
-    return job, result.stderr
-
-
 def assert_registered_and_loads(stack: Stack, job: dict, model: str) -> None:
     # The registry named outright: other tests in this process set MLflow's default one.
     registry = MlflowClient(stack.tracking_uri, registry_uri=stack.tracking_uri)
@@ -70,7 +61,7 @@ def test_simclr_trains_on_a_folder_of_images(stack: Stack, folder: Path, tmp_pat
     method = {"name": "simclr", "temperature": 0.2, "projection_dim": 32, "hidden_dim": 64}
     document = job_document("test-simclr-folder", method, f"file://{folder}")
     document["evaluate"]["data"] = f"file://{labelled}"
-    job, stderr = submit(stack, document, tmp_path)
+    job, stderr = stack.submit_and_wait(document, tmp_path)
     assert job["state"] == "SUCCEEDED", (job["message"], stderr[-3000:])
 
     run = MlflowClient(stack.tracking_uri).get_run(job["mlflow_run_id"])
@@ -89,7 +80,7 @@ def test_pirl_trains_on_an_s3_bucket_skipping_unreadable_files(
 ) -> None:
     method = {"name": "pirl", "num_negatives": 64, "projection_dim": 32, "hidden_dim": 64}
     document = job_document("test-pirl-s3", method, bucket, max_bad_fraction=0.1)
-    job, stderr = submit(stack, document, tmp_path)
+    job, stderr = stack.submit_and_wait(document, tmp_path)
     assert job["state"] == "SUCCEEDED", (job["message"], stderr[-3000:])
 
     catalog = Catalog.list(ImageSource.parse(bucket))
@@ -141,7 +132,7 @@ def test_too_many_unreadable_files_fail_the_job_as_a_user_error(
     document["max_retries"] = 2
     registry = MlflowClient(stack.tracking_uri, registry_uri=stack.tracking_uri)
     before = [(v.name, v.version) for v in registry.search_model_versions()]
-    job, stderr = submit(stack, document, tmp_path)
+    job, stderr = stack.submit_and_wait(document, tmp_path)
     assert job["state"] == "FAILED", (job["message"], stderr[-3000:])
     assert "could not be decoded" in job["message"] and "max_bad_fraction" in job["message"]
     assert any(key in job["message"] for key in BROKEN)
