@@ -23,7 +23,7 @@ from pipelines import tags
 from pipelines.sources import source_problems
 from pipelines.spec import JobSpec, SpecError, load_spec_text
 from service.auth import Principal
-from service.ray_jobs import RayJobPhase, RayJobs
+from service.ray_jobs import RayJobPhase, RayJobs, submission_id
 from service.scheduler import Plan, Policy, Resources, plan
 from service.settings import ServerSettings
 from service.store import ACTIVE_STATES, Job, JobState, JobStore, aware, utcnow
@@ -33,6 +33,11 @@ CONTROLLER = "controller"
 PAUSED_FLAG = "queue.paused"
 CAPACITY_REFRESH_S = 30.0
 KEY_LOCK_STRIPES = 64
+
+
+def ray_id(job: Job) -> str:
+    """The Ray job of the job's latest attempt."""
+    return submission_id(job.id, job.attempts)
 
 
 class JobNotFound(Exception):
@@ -183,7 +188,7 @@ class Controller:
             if state.is_final:
                 raise JobConflict(f"job {job_id} is already {job.state}")
             if state in ACTIVE_STATES:
-                self.ray.stop(job_id)
+                self.ray.stop(ray_id(job))
             self.store.transition(
                 job_id,
                 [state],
@@ -221,9 +226,9 @@ class Controller:
 
     def logs(self, job: Job) -> str:
         """The job's Ray logs: those of its latest attempt, empty before its first."""
-        if job.attempts == 0 or self.ray.view(job.id).phase is RayJobPhase.MISSING:
+        if job.attempts == 0 or self.ray.view(ray_id(job)).phase is RayJobPhase.MISSING:
             return ""
-        return self.ray.logs(job.id)
+        return self.ray.logs(ray_id(job))
 
     def waiting_reason(self, job: Job) -> str | None:
         """Why a job waits, as the loop's latest plan says (planning again for every status
@@ -301,7 +306,9 @@ class Controller:
             return
         if job.mlflow_run_id:
             self.tracking.reopen_run(job.mlflow_run_id)
-        self._hand_over(job)
+        admitted = self.store.get(job.id)  # with the attempt's number, which names its Ray job
+        if admitted is not None:
+            self._hand_over(admitted)
 
     def _hand_over(self, job: Job) -> None:
         payload = {
@@ -313,12 +320,12 @@ class Controller:
         }
         entrypoint = f"{self.settings.driver_python} -m pipelines.driver"
         try:
-            self.ray.submit(job.id, entrypoint, env={"SELFSUP_JOB": json.dumps(payload)})
+            self.ray.submit(ray_id(job), entrypoint, env={"SELFSUP_JOB": json.dumps(payload)})
         except Exception as error:  # noqa: BLE001 - any failure to hand over is retried
             self._failed(job, f"could not submit to Ray: {error}", user_error=False)
 
     def _reconcile(self, job: Job, now: datetime) -> None:
-        view = self.ray.view(job.id)
+        view = self.ray.view(ray_id(job))
         state = JobState(job.state)
         if view.phase is RayJobPhase.MISSING and state is JobState.STARTING:
             self._hand_over(job)  # the controller died between admitting and handing over
@@ -351,7 +358,7 @@ class Controller:
             return
         since = aware(job.progress_at or job.started_at or now)
         if (now - since).total_seconds() > self.settings.watchdog_s:
-            self.ray.stop(job.id)
+            self.ray.stop(ray_id(job))
             self._failed(
                 job,
                 f"no training progress for {self.settings.watchdog_s:g} s (watchdog)",

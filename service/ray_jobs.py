@@ -1,5 +1,5 @@
-"""The controller's view of Ray: jobs run as Ray Jobs (submission id = job id), so the
-controller can exit and come back without killing them."""
+"""The controller's view of Ray: each attempt of a job runs as a Ray Job, so the controller
+can exit and come back without killing it."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ import enum
 import time
 from dataclasses import dataclass
 
-from ray.dashboard.modules.job.common import JOB_ACTOR_NAME_TEMPLATE
 from ray.job_submission import JobStatus, JobSubmissionClient
-from ray.util.state import list_actors, list_nodes
+from ray.util.state import list_nodes
 
 STOP_GRACE_S = 30.0
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    """Ray's id for one attempt of a job. Every attempt gets its own: Ray names an attempt's
+    supervisor actor after its id and releases that name some time after it reports the
+    attempt ended, so a retry under the same id could fail with "... is already taken"."""
+    return f"{job_id}-{attempt}"
 
 
 class RayJobPhase(enum.Enum):
@@ -42,34 +48,16 @@ class RayJobs:
             self._client = JobSubmissionClient(self.address)
         return self._client
 
-    def submit(self, job_id: str, entrypoint: str, env: dict[str, str]) -> None:
-        phase = self.view(job_id).phase
-        if phase in (RayJobPhase.PENDING, RayJobPhase.RUNNING):
+    def submit(self, submission_id: str, entrypoint: str, env: dict[str, str]) -> None:
+        if self.view(submission_id).phase is not RayJobPhase.MISSING:
             return  # already submitted by an earlier, interrupted call: submitting is idempotent
-        if phase is not RayJobPhase.MISSING:
-            # A finished earlier attempt holds the id; its logs go, its checkpoints stay.
-            self.client.delete_job(job_id)
-            self._wait_for_supervisor_exit(job_id)
         self.client.submit_job(
-            entrypoint=entrypoint, submission_id=job_id, runtime_env={"env_vars": env}
+            entrypoint=entrypoint, submission_id=submission_id, runtime_env={"env_vars": env}
         )
 
-    def _wait_for_supervisor_exit(self, job_id: str) -> None:
-        """Wait (a bounded time) until the earlier attempt's supervisor actor is gone. Ray
-        reports a stopped job as STOPPED before that actor, named after the submission id,
-        has exited; a new attempt under the same id submitted meanwhile fails to start with
-        "The name _ray_internal_job_actor_<id> ... is already taken"."""
-        name = JOB_ACTOR_NAME_TEMPLATE.format(job_id=job_id)
-        filters = [("name", "=", name), ("state", "!=", "DEAD")]
-        deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline:
-            if not list_actors(self.address, filters, raise_on_missing_output=False):
-                return
-            time.sleep(0.25)
-
-    def view(self, job_id: str) -> RayJobView:
+    def view(self, submission_id: str) -> RayJobView:
         try:
-            info = self.client.get_job_info(job_id)
+            info = self.client.get_job_info(submission_id)
         except RuntimeError as error:
             if "does not exist" in str(error) or "404" in str(error):
                 return RayJobView(RayJobPhase.MISSING, "")
@@ -83,20 +71,20 @@ class RayJobs:
         }[info.status]
         return RayJobView(phase, info.message or "")
 
-    def stop(self, job_id: str) -> None:
-        """Stop the job and wait (a bounded time) until Ray has ended it, so that a retry that
-        follows never mistakes the dying attempt for a live one."""
-        if self.view(job_id).phase not in (RayJobPhase.PENDING, RayJobPhase.RUNNING):
+    def stop(self, submission_id: str) -> None:
+        """Stop the attempt and wait (a bounded time) until Ray has ended it, so that the job's
+        state never says it stopped while its driver still writes."""
+        if self.view(submission_id).phase not in (RayJobPhase.PENDING, RayJobPhase.RUNNING):
             return
-        self.client.stop_job(job_id)
+        self.client.stop_job(submission_id)
         deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline:
-            if self.view(job_id).phase not in (RayJobPhase.PENDING, RayJobPhase.RUNNING):
+            if self.view(submission_id).phase not in (RayJobPhase.PENDING, RayJobPhase.RUNNING):
                 return
             time.sleep(0.25)
 
-    def logs(self, job_id: str) -> str:
-        return self.client.get_job_logs(job_id)
+    def logs(self, submission_id: str) -> str:
+        return self.client.get_job_logs(submission_id)
 
     def cluster_resources(self) -> tuple[float, float]:
         """CPUs and GPUs of the cluster's live nodes, as Ray counts them."""
