@@ -3,14 +3,14 @@ budgets (one epoch, a few steps), each ending in an encoder that ``selfsup.load_
 loads and that reproduces the features its final checkpoint recorded.
 
 A job costs ~30-40 s of Ray start-up on 2 cores, so nine jobs do not fit this module's
-budget. Two methods take the full path (real CLI -> controller -> Ray Job -> Ray Train on 2
-gloo workers -> MLflow -> linear probe -> Model Registry), one for each way the train loop
-runs a method: k-means (closed-form learning: no gradient, no DDP) and sparse coding (DDP
-gradients; an inference procedure with a learned dictionary as the encoder). The other seven
-run the very same ``train_loop_per_worker`` on 2 gloo ranks inside ONE Ray Train run, each
-logging into its own MLflow run, then register their encoders through ``pipelines.registry``
-and load them with ``selfsup.load_encoder``. Those seven include the unlabelled sources
-(whitened patches, the spiral), which the driver does not evaluate.
+budget. Sparse coding takes the full path (real CLI -> controller -> Ray Job -> Ray Train on
+2 gloo workers -> MLflow -> linear probe -> Model Registry): DDP gradients, and an inference
+procedure with a learned dictionary as the encoder. The others, k-means among them (the
+closed-form way the train loop runs a method: no gradient, no DDP), run the very same
+``train_loop_per_worker`` on 2 gloo ranks inside ONE Ray Train run, each logging into its own
+MLflow run, then register their encoders through ``pipelines.registry`` and load them with
+``selfsup.load_encoder``. They include the unlabelled sources (whitened patches, the
+spiral), which the driver does not evaluate.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ TINY_SPIRAL = {"source": "builtin:spiral", "spiral": {"count": 400}}
 
 # method: (example, method overrides, data overrides, global batch, figure it logs)
 FULL_PATH = {
-    "kmeans": ("kmeans-digits", {"clusters": 16}, {}, 64, "prototypes.png"),
     "sparse_coding": (
         "sparse_coding-digits",
         {"atoms": 32, "max_iter": 100},
@@ -50,6 +49,7 @@ FULL_PATH = {
     ),
 }
 IN_PROCESS = {
+    "kmeans": ("kmeans-digits", {"clusters": 16}, {}, 64, "prototypes.png"),
     "vae": ("vae-digits", {}, {}, 64, "reconstructions.png"),
     "pca": ("pca-digits", {"components": 8}, {}, 64, "components.png"),
     "lista": (
