@@ -14,9 +14,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 CONFIG_ENV = "SELFSUP_CONFIG"
 ENV_PREFIX = "SELFSUP_"
@@ -26,6 +27,29 @@ class SettingsError(Exception):
     pass
 
 
+def _no_credentials(uri: str) -> str:
+    """A URI travels in job payloads and run records: credentials belong in the environment
+    (AWS_* variables, a profile), never in it."""
+    parts = urlsplit(uri)
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        # Not echoed: the value itself is what must not reach a log.
+        raise ValueError(
+            "the URI carries credentials or a query; give S3 credentials through AWS_* "
+            "variables or a profile"
+        )
+    return uri
+
+
+def _storage_location(location: str) -> str:
+    """Where Ray Train writes checkpoints: an absolute folder, or s3://bucket/prefix."""
+    scheme = urlsplit(location).scheme
+    if not scheme and not Path(location).is_absolute():
+        raise ValueError(f"{location!r} is neither an absolute folder nor s3://bucket/prefix")
+    if scheme and (scheme != "s3" or not urlsplit(location).netloc):
+        raise ValueError(f"{location!r}: checkpoints go to a folder or to s3://bucket/prefix")
+    return _no_credentials(location)
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -33,11 +57,13 @@ class ServerSettings(BaseModel):
     port: Annotated[int, Field(ge=1, le=65535)] = 8470
     store_url: str  # SQLAlchemy URL of the job store: sqlite:///... or postgresql+psycopg://...
     tracking_uri: str  # MLflow tracking and registry URI
-    artifact_root: str | None = None  # the MLflow experiment's artifact location, if new
+    # The MLflow experiment's artifact location, if new: a folder or s3://bucket/prefix.
+    artifact_root: Annotated[str, AfterValidator(_no_credentials)] | None = None
     mlflow_ui_url: str | None = None  # where users open runs; default: the tracking URI if HTTP
     ray_dashboard_url: str  # the Ray Jobs API (the head's dashboard address)
     ray_token_file: str | None = None  # the Ray cluster's auth token, if it uses one
-    storage_path: str  # Ray Train's storage: checkpoints live at <storage_path>/<job id>
+    # Ray Train's storage (a folder or s3://bucket/prefix): checkpoints at <storage_path>/<job id>
+    storage_path: Annotated[str, AfterValidator(_storage_location)]
     driver_python: str = sys.executable  # the Python that runs a job's driver on the head
     cluster_cpus: Annotated[float, Field(ge=0)] | None = None  # default: ask Ray
     cluster_gpus: Annotated[float, Field(ge=0)] | None = None

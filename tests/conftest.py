@@ -12,11 +12,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from service.client import ApiClient
+from service.stack import _answers, _free_port
 from tests.s3 import S3Endpoint, s3_server
 from tests.user_images import fill_bucket
 
@@ -59,6 +62,23 @@ def ray_local() -> Iterator[None]:
     )
     yield
     ray.shutdown()
+
+
+@dataclass(frozen=True)
+class SecondController:
+    """A controller beside the stack's: its API as user ``dana``, a CLI environment that talks
+    to it, and its settings."""
+
+    api: ApiClient
+    env: dict[str, str]
+    settings: dict
+
+    def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while (job := self.api.request("GET", f"/v1/jobs/{job_id}"))["state"] not in states:
+            assert time.monotonic() < deadline, f"{job_id} stayed {job['state']}: {job}"
+            time.sleep(0.5)
+        return job
 
 
 class Stack:
@@ -136,6 +156,45 @@ class Stack:
         job, stderr = self.submit_and_wait(document, folder)
         assert job["state"] == "SUCCEEDED", (job["message"], stderr[-3000:])
         return job
+
+    @contextlib.contextmanager
+    def second_controller(self, folder: Path, **settings: object) -> Iterator[SecondController]:
+        """`selfsup server` with its own store and MLflow (in ``folder``) on this stack's Ray
+        cluster, with ``settings`` over the stack's own; stopped on leaving."""
+        document = yaml.safe_load((self.home / "server.yaml").read_text())
+        document |= {
+            "port": _free_port(),
+            "store_url": f"sqlite:///{folder / 'jobs.db'}",
+            "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+            "artifact_root": str(folder / "artifacts"),
+            "storage_path": str(folder / "runs"),
+            **settings,
+        }
+        config = folder / "server.yaml"
+        config.write_text(yaml.safe_dump(document))
+        token = self.cli(
+            "token", "create", "dana", "--store-url", document["store_url"], check=True
+        )
+        env = {**self.env, "SELFSUP_API_URL": f"http://127.0.0.1:{document['port']}"}
+        env["SELFSUP_TOKEN"] = token.stdout.strip()
+        server = subprocess.Popen(
+            [SELFSUP, "server", "--config", str(config)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=(folder / "server.log").open("w"),
+        )
+        try:
+            controller = SecondController(
+                ApiClient(env["SELFSUP_API_URL"], env["SELFSUP_TOKEN"]), env, document
+            )
+            deadline = time.monotonic() + 60
+            while not _answers(f"{controller.api.url}/healthz"):
+                assert server.poll() is None and time.monotonic() < deadline, "no server"
+                time.sleep(0.2)
+            yield controller
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
     def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout

@@ -1,30 +1,22 @@
 """The controller with real jobs on the real stack: admission in priority order with room for
-one gang, a Ray Train worker killed mid-run on images streamed from S3, the controller itself
-killed and restarted, a driver killed so that the controller retries the job from its
-checkpoint, and the watchdog."""
+one gang; one job cancelled and retried, its controller killed and restarted, its driver
+killed so that the controller retries it from its checkpoint; and the watchdog. (A Ray Train
+worker killed mid-run is in tests/test_s3_storage.py, on S3 data and S3 checkpoints.)"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
-import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.sources import Catalog, ImageSource
 from pipelines.spec import read_yaml
-from pipelines.user_data import catalog_labels
-from service.client import ApiClient
-from service.stack import _answers, _free_port
 from service.store import JobState
-from tests.conftest import SELFSUP, Stack
+from tests.conftest import Stack
 from tests.processes import command_line, find
-from tests.user_images import BROKEN, job_document
-from workers.data import split_samples
 
 SPECS = Path(__file__).parent / "specs"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "simclr-digits.yaml"
@@ -93,72 +85,14 @@ def test_one_gang_at_a_time_in_priority_order(stack: Stack, tmp_path: Path) -> N
     assert starts[10] < starts[5] < starts[0]
 
 
-def s3_training_spec(tmp_path: Path, bucket: str, name: str, epochs: int) -> Path:
-    """SimCLR on the users' images in the test bucket (tests/user_images.py), no evaluation."""
-    method = {"name": "simclr", "temperature": 0.2, "projection_dim": 32, "hidden_dim": 64}
-    document = job_document(name, method, bucket, max_bad_fraction=0.1)
-    document["train"]["epochs"] = epochs
-    document["evaluate"] = {"linear": False, "knn": False, "label_fractions": [], "finetune": False}
-    document.pop("register")
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(json.dumps(document))
-    return path
-
-
-def test_job_survives_a_killed_worker_and_a_killed_controller(
-    stack: Stack, bucket: str, tmp_path: Path
-) -> None:
-    """On users' images streamed from S3 by Ray Data: the restarted gang gets new shards of
-    the same stream and redoes the interrupted epoch whole from the latest checkpoint, so
-    the step count goes on from the checkpoint's and ends where a straight run ends."""
-    epochs = 6
-    job_id = submit(stack, s3_training_spec(tmp_path, bucket, "chaos-s3", epochs))
-    # `job logs -f` follows the job from the start, through both kills, to its end.
-    follower = subprocess.Popen(
-        [SELFSUP, "job", "logs", job_id, "-f"], env=stack.env, stdout=subprocess.PIPE, text=True
-    )
-    wait_for_checkpoints(stack, job_id)
-    head = stack.info["head_pid"]
-    workers = find(head, "RayTrainWorker")
-    assert workers, "no Ray Train worker process found under the Ray head"
-    os.kill(workers[0], signal.SIGKILL)  # Ray Train restarts the gang from the checkpoint
-
-    os.kill(stack.info["server_pid"], signal.SIGKILL)  # the controller dies mid-job
-    time.sleep(1)
-    stack.cli("up", check=True)  # brings back the controller alone, beside Ray and the job
-    job = stack.wait_for(job_id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=480)
-    assert job["state"] == "SUCCEEDED", job["message"]
-    assert job["attempts"] == 1  # handed to Ray once: the job ran once, never twice
-    assert [t["to"] for t in transitions(stack, job_id)] == [
-        "QUEUED",
-        "STARTING",
-        "RUNNING",
-        "SUCCEEDED",
-    ]
-    client = MlflowClient(stack.tracking_uri)
-    run = client.get_run(job["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    (resume,) = client.get_metric_history(run.info.run_id, "train.resumed_from_epoch")
-    catalog = Catalog.list(ImageSource.parse(bucket))
-    train = split_samples(len(catalog.keys), catalog_labels(catalog), 0.25, 0).train
-    steps_per_epoch = len(train) // 2 // 32  # 2 ranks, 32 images each a step
-    assert resume.step == (int(resume.value) + 1) * steps_per_epoch
-    steps = client.get_metric_history(run.info.run_id, "train.step")
-    assert max(m.step for m in steps) == epochs * steps_per_epoch
-    # Unreadable files are counted once each, however often the redone epoch met them.
-    broken_in_training = {catalog.keys[i] for i in train} & BROKEN.keys()
-    assert run.data.metrics["data.bad_samples"] == len(broken_in_training)
-    followed, _ = follower.communicate(timeout=60)  # it ends by itself once the job has
-    assert follower.returncode == 0
-    assert f'"job_id": "{job_id}"' in followed  # the driver's last words
-
-
-def test_cancel_retry_and_a_killed_driver_all_resume_from_checkpoints(
+def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints(
     stack: Stack, tmp_path: Path
 ) -> None:
-    """One job, interrupted twice: the user cancels and retries it, then its driver is killed
-    and the controller retries it. Each time it resumes from its latest checkpoint under the
-    same id and MLflow run, and its steps continue where they stopped."""
+    """One job, interrupted three times: the user cancels and retries it; the controller is
+    killed mid-job and `selfsup up` brings it back alone, beside Ray and the running job; then
+    the job's driver is killed and the controller retries it. Each retry resumes from the
+    latest checkpoint under the same id and MLflow run, and the steps continue where they
+    stopped."""
     # An epoch takes about a second: each interruption must land well before the last one,
     # however slowly the test's own requests go on a loaded machine.
     epochs = 20
@@ -177,6 +111,9 @@ def test_cancel_retry_and_a_killed_driver_all_resume_from_checkpoints(
 
     stack.cli("job", "retry", job_id, check=True)
     wait_for_checkpoints(stack, job_id, besides=before_retry)
+    os.kill(stack.info["server_pid"], signal.SIGKILL)  # the controller dies mid-job
+    time.sleep(1)
+    stack.cli("up", check=True)  # the controller alone: its job runs on, not handed over again
     # The driver's python, not the shell Ray Jobs runs the entrypoint through.
     (driver,) = [
         pid
@@ -217,46 +154,14 @@ def test_cancel_retry_and_a_killed_driver_all_resume_from_checkpoints(
 
 
 def test_watchdog_fails_a_job_whose_progress_stalls(stack: Stack, tmp_path: Path) -> None:
-    """A second controller, `selfsup server` with its own store and MLflow, on the same Ray
-    cluster, with a 2-second watchdog: no job takes its first step that fast."""
-    settings = yaml.safe_load((stack.home / "server.yaml").read_text())
-    port = _free_port()
-    settings |= {
-        "port": port,
-        "store_url": f"sqlite:///{tmp_path / 'jobs.db'}",
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "artifact_root": str(tmp_path / "artifacts"),
-        "storage_path": str(tmp_path / "runs"),
-        "watchdog_s": 2.0,
-        "tick_s": 0.5,
-    }
-    config = tmp_path / "server.yaml"
-    config.write_text(yaml.safe_dump(settings))
-    token = stack.cli("token", "create", "dana", "--store-url", settings["store_url"], check=True)
-    env = {**stack.env, "SELFSUP_API_URL": f"http://127.0.0.1:{port}"}
-    env["SELFSUP_TOKEN"] = token.stdout.strip()
-    server = subprocess.Popen(
-        [SELFSUP, "server", "--config", str(config)],
-        env=stack.env,
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "server.log").open("w"),
-    )
-    try:
-        api = ApiClient(env["SELFSUP_API_URL"], env["SELFSUP_TOKEN"])
-        deadline = time.monotonic() + 60
-        while not _answers(f"{api.url}/healthz"):
-            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+    """A second controller on the same Ray cluster, with a 2-second watchdog: no job takes
+    its first step that fast."""
+    with stack.second_controller(tmp_path, watchdog_s=2.0, tick_s=0.5) as controller:
         spec = training_spec(tmp_path, "stalled", epochs=50)
-        submitted = stack.run_cli(env, "job", "submit", str(spec), "-o", "json")
+        submitted = stack.run_cli(controller.env, "job", "submit", str(spec), "-o", "json")
         job_id = json.loads(submitted.stdout)["id"]
-        deadline = time.monotonic() + 120
-        while (job := api.request("GET", f"/v1/jobs/{job_id}"))["state"] not in ("FAILED",):
-            assert time.monotonic() < deadline and job["state"] != "SUCCEEDED", job
-            time.sleep(0.5)
+        job = controller.wait_for(job_id, ("FAILED", "SUCCEEDED"), timeout=120)
+        assert job["state"] == "FAILED", job
         assert "no training progress for 2 s (watchdog)" in job["message"]
-        failed = stack.run_cli(env, "job", "status", job_id)
+        failed = stack.run_cli(controller.env, "job", "status", job_id)
         assert failed.returncode == 0 and "watchdog" in failed.stdout
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
