@@ -6,13 +6,17 @@ random position and scale, sometimes flipped, saved as PNG or JPEG. Grey picture
     python examples/make_image_folder.py /data/example-images --per-class 200
 
 then point a spec at it: ``data: {source: "file:///data/example-images"}``
-(examples/simclr-folder.yaml). Nothing is downloaded: every picture is bundled with a package.
+(examples/simclr-folder.yaml). ``--format parquet`` writes the same images as Parquet shards
+(columns ``image``: the encoded bytes, ``label``: the class), ``--format webdataset`` as
+WebDataset tars (``000017.png`` beside ``000017.cls``), both in a seeded order that mixes the
+classes. Nothing is downloaded: every picture is bundled with a package.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -91,13 +95,80 @@ def write_image_folder(
     return count
 
 
+def _shuffled(per_class: int, seed: int, classes: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    images = list(generate_images(per_class, seed, classes))
+    order = np.random.default_rng(seed).permutation(len(images))
+    return [images[i] for i in order]
+
+
+def write_parquet_shards(
+    root: Path,
+    per_class: int,
+    seed: int = 0,
+    classes: tuple[str, ...] = CLASSES,
+    per_shard: int = 1000,
+    row_group: int = 250,
+) -> int:
+    """Parquet shards ``shard-00000.parquet`` ... under ``root``, ``per_shard`` images each
+    in row groups of ``row_group``; returns how many images were written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = _shuffled(per_class, seed, classes)
+    root.mkdir(parents=True, exist_ok=True)
+    for number, start in enumerate(range(0, len(images), per_shard)):
+        chunk = images[start : start + per_shard]
+        table = pa.table(
+            {
+                "image": pa.array([data for _, data in chunk], pa.binary()),
+                "label": [key.partition("/")[0] for key, _ in chunk],
+            }
+        )
+        pq.write_table(table, root / f"shard-{number:05d}.parquet", row_group_size=row_group)
+    return len(images)
+
+
+def write_tar_shards(
+    root: Path,
+    per_class: int,
+    seed: int = 0,
+    classes: tuple[str, ...] = CLASSES,
+    per_shard: int = 1000,
+) -> int:
+    """WebDataset shards ``shard-00000.tar`` ... under ``root``: per image ``<n>.png`` (or
+    ``.jpg``) and ``<n>.cls`` with its class; returns how many images were written."""
+    images = _shuffled(per_class, seed, classes)
+    root.mkdir(parents=True, exist_ok=True)
+    for number, start in enumerate(range(0, len(images), per_shard)):
+        with tarfile.open(root / f"shard-{number:05d}.tar", "w") as tar:
+            for offset, (key, data) in enumerate(images[start : start + per_shard]):
+                sample = f"{start + offset:06d}"
+                label = key.partition("/")[0].encode()
+                for name, payload in (
+                    (f"{sample}.{key.rpartition('.')[2]}", data),
+                    (f"{sample}.cls", label),
+                ):
+                    member = tarfile.TarInfo(name)
+                    member.size = len(payload)
+                    tar.addfile(member, io.BytesIO(payload))
+    return len(images)
+
+
+WRITERS = {
+    "folder": write_image_folder,
+    "parquet": write_parquet_shards,
+    "webdataset": write_tar_shards,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder to write (created if missing)")
     parser.add_argument("--per-class", type=int, default=200, help="images per class")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=sorted(WRITERS), default="folder")
     arguments = parser.parse_args()
-    count = write_image_folder(arguments.root, arguments.per_class, arguments.seed)
+    count = WRITERS[arguments.format](arguments.root, arguments.per_class, arguments.seed)
     print(f"wrote {count} images in {len(CLASSES)} classes under {arguments.root.resolve()}")
     print(f'train on it with data: {{source: "file://{arguments.root.resolve()}"}}')
 

@@ -1,5 +1,6 @@
 """Where a user's images live: a folder (``file:///data/images``) or an S3 prefix
-(``s3://bucket/images/``), listed in pages and read one object at a time.
+(``s3://bucket/images/``) of image files, read one object at a time, or of shards
+(pipelines/shards.py), read a piece at a time.
 
 Torch-free: the controller checks a source at submit with it (one bounded page, never the
 whole prefix), the driver lists it once into a ``Catalog`` that fixes every image's global
@@ -14,8 +15,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from pipelines.shards import ShardSet
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Objects looked at by the submit-time check: a prefix of a million objects costs one page.
@@ -36,6 +40,16 @@ def _s3_client() -> Any:
 
     config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3})
     return boto3.session.Session().client("s3", config=config)
+
+
+@functools.cache
+def _filesystem(scheme: str, root: str) -> Any:
+    """pyarrow's filesystem for random access to shards (S3: the same standard settings)."""
+    import pyarrow.fs
+
+    if scheme == "file":
+        return pyarrow.fs.LocalFileSystem()
+    return pyarrow.fs.FileSystem.from_uri(f"s3://{root}")[0]
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,17 @@ class ImageSource:
             return (Path(self.root) / key).read_bytes()
         return _s3_client().get_object(Bucket=self.root, Key=self.prefix + key)["Body"].read()
 
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{self.prefix}{key}"
+
+    def open(self, key: str) -> Any:
+        """A seekable pyarrow file (ranged reads on S3)."""
+        return _filesystem(self.scheme, self.root).open_input_file(self._path(key))
+
+    def open_stream(self, key: str) -> Any:
+        """A pyarrow stream, read front to back in large requests."""
+        return _filesystem(self.scheme, self.root).open_input_stream(self._path(key))
+
 
 def is_image_key(key: str) -> bool:
     return key.lower().endswith(IMAGE_SUFFIXES) and not Path(key).name.startswith(".")
@@ -107,26 +132,71 @@ def is_image_key(key: str) -> bool:
 
 @dataclass(frozen=True)
 class Catalog:
-    """Every image of a source in sorted key order: an image's global index is its position
-    here, stable across workers, attempts and resumes. ``labels[i]`` is the class folder of
-    image i, or None for all when the images are not all in first-level folders."""
+    """Every image of a source in a fixed order: an image's global index is its position
+    here, stable across workers, attempts and resumes. ``keys`` are the image files in
+    sorted order, or the samples of a shard set (``shards``) in set order. ``labels[i]`` is
+    the class of image i (its first-level folder, or the shards' label column), or None for
+    all when not every image has one."""
 
     source: ImageSource
     keys: list[str]
     classes: list[str]
     labels: list[int] | None
+    shards: ShardSet | None = None
 
     @classmethod
-    def list(cls, source: ImageSource) -> Catalog:
-        keys = sorted(key for key in source.iter_keys() if is_image_key(key))
+    def list(
+        cls, source: ImageSource, image_column: str | None = None, label_column: str | None = None
+    ) -> Catalog:
+        from pipelines.shards import list_shards
+
+        every = sorted(source.iter_keys())
+        keys = [key for key in every if is_image_key(key)]
+        layout = _layout(source, every, keys)
+        if layout is not None:
+            kind, shard_keys = layout
+            listed = list_shards(source, shard_keys, kind, image_column, label_column)
+            classes, labels = _classes(listed.labels)
+            return cls(source, listed.names, classes, labels, listed.shards)
         if not keys:
             raise ValueError(f"{source.uri} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         if all("/" in key for key in keys):
-            folders = [key.partition("/")[0] for key in keys]
-            classes = sorted(set(folders))
-            index = {name: i for i, name in enumerate(classes)}
-            return cls(source, keys, classes, [index[folder] for folder in folders])
+            classes, labels = _classes([key.partition("/")[0] for key in keys])
+            return cls(source, keys, classes, labels)
         return cls(source, keys, [], None)
+
+    def read(self, indices: Any) -> Iterator[tuple[int, bytes | None]]:
+        """(index, encoded image) of each of ``indices``."""
+        if self.shards is not None:
+            yield from self.shards.read(indices)
+            return
+        for index in indices:
+            try:
+                yield int(index), self.source.read(self.keys[index])
+            except OSError:  # a file gone since the listing: unreadable, like a corrupt one
+                yield int(index), None
+
+
+def _classes(names: list[str] | None) -> tuple[list[str], list[int] | None]:
+    if names is None:
+        return [], None
+    classes = sorted(set(names))
+    number = {name: i for i, name in enumerate(classes)}
+    return classes, [number[name] for name in names]
+
+
+def _layout(source: ImageSource, every: list[str], images: list[str]) -> Any:
+    """(kind, shard keys) when the source is a shard set, None when it holds image files."""
+    from pipelines.shards import shard_kind
+
+    kinds = {key: kind for key in every if (kind := shard_kind(key))}
+    if not kinds:
+        return None
+    if images or len(set(kinds.values())) > 1:
+        raise ValueError(
+            f"{source.uri} mixes image files, Parquet and tar shards: a source is one of them"
+        )
+    return next(iter(kinds.values())), sorted(kinds)
 
 
 def _s3_problem(source: ImageSource, error: Exception) -> str:
@@ -155,9 +225,17 @@ def _s3_problem(source: ImageSource, error: Exception) -> str:
     return f"cannot list {source.uri} at {endpoint}: {type(error).__name__}: {error}"
 
 
-def source_problems(uri: str, field: str, page_size: int = CHECK_PAGE) -> list[tuple[str, str]]:
+def source_problems(
+    uri: str,
+    field: str,
+    page_size: int = CHECK_PAGE,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> list[tuple[str, str]]:
     """What keeps ``uri`` from being read, as (field, message) pairs; looks at one page of
-    at most ``page_size`` objects."""
+    at most ``page_size`` objects, and at the first shard of a shard set."""
+    from pipelines.shards import shard_kind, shard_problems
+
     try:
         source = ImageSource.parse(uri)
     except ValueError as error:
@@ -173,12 +251,16 @@ def source_problems(uri: str, field: str, page_size: int = CHECK_PAGE) -> list[t
         return [(field, _s3_problem(source, error))]
     if not page:
         return [(field, f"{uri} is empty")]
+    shards = sorted(key for key in page if shard_kind(key))
+    if shards and not any(is_image_key(key) for key in page):
+        kind = shard_kind(shards[0])
+        return shard_problems(source, field, shards[0], kind, image_column, label_column)
     if not any(is_image_key(key) for key in page):
         return [
             (
                 field,
-                f"no image files ({', '.join(IMAGE_SUFFIXES)}) among the first {len(page)} "
-                f"objects of {uri}",
+                f"no image files ({', '.join(IMAGE_SUFFIXES)}) nor .parquet or .tar shards "
+                f"among the first {len(page)} objects of {uri}",
             )
         ]
     return []

@@ -23,7 +23,7 @@ BUILTIN_DATASETS = ("digits", "patches", "spiral")
 # (MoCo's queue, PIRL's negatives) must not load data (or torch) here.
 BUILTIN_DATASET_SIZES = {"digits": 1797}  # patches and spiral: their `count` option
 # data fields of a user's images only, and the side their images are decoded to by default.
-USER_DATA_FIELDS = ("image_size", "channels", "max_bad_fraction")
+USER_DATA_FIELDS = ("image_size", "channels", "max_bad_fraction", "image_column", "label_column")
 DEFAULT_IMAGE_SIZE = 32
 DEFAULT_MAX_BAD_FRACTION = 0.001
 # Encoder archs and the width of their features where encoder.out_dim is left unset. ResNets
@@ -146,6 +146,11 @@ class DataSpec(Section):
     # Unreadable files skipped before the job fails, as a fraction of the training images.
     # Unset: DEFAULT_MAX_BAD_FRACTION for a user's images.
     max_bad_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None
+    # Shard sets (pipelines/shards.py): the Parquet column, or the WebDataset member
+    # extension, that holds each encoded image (unset: "image"; a tar sample's first image
+    # member), and the one that holds its class, for evaluation only (unset: none; "cls").
+    image_column: Annotated[str, Field(min_length=1)] | None = None
+    label_column: Annotated[str, Field(min_length=1)] | None = None
     # How many images a listing found: set by the driver once it has listed the source.
     _listed: int | None = PrivateAttr(default=None)
 
@@ -368,8 +373,8 @@ class JobSpec(Section):
         """The spec as JSON without the fields that do not apply to it (a builtin's unset
         image fields, say), so that adding a field for other sources changes no hash."""
         document = self.model_dump(mode="json", exclude=exclude)
-        if not self.data.is_user_data:
-            for name in USER_DATA_FIELDS:
+        for name in USER_DATA_FIELDS:
+            if document["data"][name] is None:  # unset: the hash of older specs stands
                 document["data"].pop(name)
         for section, name in (("resources", "data_cpus"), ("evaluate", "data")):
             if section in document and document[section][name] is None:

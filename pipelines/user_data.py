@@ -36,7 +36,7 @@ class UserData:
 def prepare_user_data(spec: JobSpec) -> UserData:
     """List, check and split the source; the stream is lazy and runs inside training."""
     data = spec.data
-    catalog = Catalog.list(ImageSource.parse(data.source))
+    catalog = Catalog.list(ImageSource.parse(data.source), data.image_column, data.label_column)
     check_listed(spec, len(catalog.keys))
     split = split_samples(
         len(catalog.keys), catalog_labels(catalog), data.test_fraction, data.split_seed
@@ -87,7 +87,9 @@ def evaluation_set(spec: JobSpec, user_data: UserData) -> tuple[SampleDataset, S
     class folders with the pretraining split. None when neither has labels."""
     data = spec.data
     if spec.evaluate.data is not None:
-        catalog = Catalog.list(ImageSource.parse(spec.evaluate.data))
+        catalog = Catalog.list(
+            ImageSource.parse(spec.evaluate.data), data.image_column, data.label_column
+        )
         if catalog.labels is None:
             return None
         chosen = _subset(np.arange(len(catalog.keys)), catalog.labels, data.split_seed)

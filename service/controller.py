@@ -65,9 +65,10 @@ def data_problems(spec: JobSpec) -> list[tuple[str, str]]:
     bounded listing each, so a prefix of a million objects is checked in one page."""
     if not spec.data.is_user_data:
         return []
-    problems = source_problems(spec.data.source, "data.source")
+    columns = {"image_column": spec.data.image_column, "label_column": spec.data.label_column}
+    problems = source_problems(spec.data.source, "data.source", **columns)
     if spec.evaluate.data is not None:
-        problems += source_problems(spec.evaluate.data, "evaluate.data")
+        problems += source_problems(spec.evaluate.data, "evaluate.data", **columns)
     return problems
 
 

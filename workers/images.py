@@ -11,6 +11,7 @@ one actor per job that the train loop reads after each epoch.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import pyarrow as pa
 import ray
 from PIL import Image
 
+from pipelines.shards import ShardSet
 from pipelines.sources import Catalog, ImageSource
 
 # Rows per Ray Data block: the unit of streaming, of shuffling blocks and of decode tasks.
@@ -61,25 +63,66 @@ class BadSamples:
         return len(self.keys), sorted(self.keys)[:BAD_EXAMPLES]
 
 
-def _decode_rows(
-    batch: dict[str, np.ndarray], source: ImageSource, size: int, channels: int, bad: Any
+def _decoded_rows(
+    encoded: Iterable[tuple[str, int, int, bytes | None]], size: int, channels: int, bad: Any
 ) -> dict[str, np.ndarray]:
-    images, kept, unreadable = [], [], []
-    for row, key in enumerate(batch["key"]):
+    """Rows of (name, global index, position, encoded image) decoded; the unreadable ones
+    dropped and recorded by name."""
+    images, indices, positions, unreadable = [], [], [], []
+    for name, index, position, data in encoded:
         try:
-            images.append(decode_image(source.read(str(key)), size, channels))
-            kept.append(row)
+            if data is None:
+                raise ValueError("no image bytes")
+            images.append(decode_image(data, size, channels))
+            indices.append(index)
+            positions.append(position)
         except _UNREADABLE:
-            unreadable.append(str(key))
+            unreadable.append(name)
     if unreadable:
         # Waited for, so that the count is complete when the epoch's stream has ended.
         ray.get(bad.add.remote(unreadable))
     empty = np.zeros((0, channels, size, size), dtype=np.uint8)
     return {
         "image": np.stack(images) if images else empty,
-        "index": batch["index"][kept],
-        "position": batch["position"][kept],
+        "index": np.asarray(indices, dtype=np.int64),
+        "position": np.asarray(positions, dtype=np.int64),
     }
+
+
+def _decode_files(
+    batch: dict[str, np.ndarray], source: ImageSource, size: int, channels: int, bad: Any
+) -> dict[str, np.ndarray]:
+    def encoded() -> Iterator[tuple[str, int, int, bytes | None]]:
+        for key, index, position in zip(
+            batch["key"], batch["index"], batch["position"], strict=True
+        ):
+            try:
+                data = source.read(str(key))
+            except OSError:  # gone since the listing
+                data = None
+            yield str(key), int(index), int(position), data
+
+    return _decoded_rows(encoded(), size, channels, bad)
+
+
+def _decode_pieces(
+    batch: dict[str, np.ndarray],
+    shards: ShardSet,
+    names: list[str],
+    position_of: np.ndarray,
+    size: int,
+    channels: int,
+    bad: Any,
+) -> dict[str, np.ndarray]:
+    """Each piece read whole, its samples outside the training split skipped undecoded."""
+
+    def encoded() -> Iterator[tuple[str, int, int, bytes | None]]:
+        for number in batch["piece"]:
+            for index, data in shards.read_piece(shards.pieces[number]):
+                if position_of[index] >= 0:
+                    yield names[index], index, int(position_of[index]), data
+
+    return _decoded_rows(encoded(), size, channels, bad)
 
 
 def image_stream(
@@ -92,19 +135,37 @@ def image_stream(
     num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """The images ``indices`` of ``catalog`` as a lazy Ray Data dataset of decoded rows, the
-    i-th of ``indices`` at position i. The rows are put in an order drawn from ``seed`` once,
-    so that each block mixes classes; each epoch then shuffles within a buffer."""
-    positions = np.random.default_rng(seed).permutation(len(indices))
-    chosen = np.asarray(indices, dtype=np.int64)[positions]
-    table = pa.table(
-        {"key": [catalog.keys[i] for i in chosen], "index": chosen, "position": positions}
-    )
-    blocks = [table.slice(start, BLOCK_ROWS) for start in range(0, len(table), BLOCK_ROWS)]
+    i-th of ``indices`` at position i. Image files come in an order drawn from ``seed`` once,
+    so that each block mixes classes; a shard set's pieces come in an order drawn the same
+    way, each piece's samples in file order. Each epoch then shuffles within a buffer."""
+    rng = np.random.default_rng(seed)
+    if catalog.shards is not None:
+        position_of = np.full(len(catalog.keys), -1, dtype=np.int64)
+        position_of[np.asarray(indices, dtype=np.int64)] = np.arange(len(indices))
+        order = rng.permutation(len(catalog.shards.pieces))
+        blocks = [pa.table({"piece": [int(number)]}) for number in order]
+        decode, arguments = (
+            _decode_pieces,
+            {
+                "shards": catalog.shards,
+                "names": catalog.keys,
+                "position_of": position_of,
+            },
+        )
+        batch_size = 1
+    else:
+        positions = rng.permutation(len(indices))
+        chosen = np.asarray(indices, dtype=np.int64)[positions]
+        table = pa.table(
+            {"key": [catalog.keys[i] for i in chosen], "index": chosen, "position": positions}
+        )
+        blocks = [table.slice(start, BLOCK_ROWS) for start in range(0, len(table), BLOCK_ROWS)]
+        decode, arguments, batch_size = _decode_files, {"source": catalog.source}, DECODE_BATCH
     return ray.data.from_arrow(blocks).map_batches(
-        _decode_rows,
-        batch_size=DECODE_BATCH,
+        decode,
+        batch_size=batch_size,
         batch_format="numpy",
-        fn_kwargs={"source": catalog.source, "size": size, "channels": channels, "bad": bad},
+        fn_kwargs={**arguments, "size": size, "channels": channels, "bad": bad},
         num_cpus=num_cpus,
     )
 
@@ -126,13 +187,16 @@ def load_images(
     catalog: Catalog, indices: np.ndarray, size: int, channels: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images ``indices`` decoded in this process (the few that evaluation, reference
-    features and pictures need): uint8 (n, C, S, S) and the indices that decoded."""
-    images, kept = [], []
-    for index in indices:
+    features and pictures need): uint8 (n, C, S, S) and the indices that decoded, in order."""
+    order = {int(index): rank for rank, index in enumerate(indices)}
+    decoded = []
+    for index, data in catalog.read(indices):  # a shard set reads piece by piece
         try:
-            images.append(decode_image(catalog.source.read(catalog.keys[index]), size, channels))
-            kept.append(index)
+            if data is not None:
+                decoded.append((order[index], index, decode_image(data, size, channels)))
         except _UNREADABLE:
             continue
-    stacked = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
-    return stacked, np.asarray(kept, dtype=np.int64)
+    decoded.sort(key=lambda item: item[0])
+    if not decoded:
+        return np.zeros((0, channels, size, size), np.uint8), np.zeros(0, dtype=np.int64)
+    return np.stack([image for *_, image in decoded]), np.array([i for _, i, _ in decoded])
