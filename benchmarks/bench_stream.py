@@ -1,7 +1,8 @@
 """Speed and memory of users' images streamed by Ray Data, against the in-memory tensor path.
 
-On the example folder dataset (examples/make_image_folder.py) written to a temporary folder
-and uploaded to moto's S3 server on loopback, at 32x32 and 96x96:
+On the example folder dataset (examples/make_image_folder.py) written to a temporary folder,
+uploaded to moto's S3 server on loopback, and uploaded there as Parquet and WebDataset shards
+of 500 images, at 32x32 and 96x96:
 
 - images/s delivered to one training worker: one epoch of the training split through the
   shard a TorchTrainer worker gets (``streaming_split(1, equal=True)``, then
@@ -34,7 +35,13 @@ import ray
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from examples.make_image_folder import CLASSES, generate_images, write_image_folder
+from examples.make_image_folder import (
+    CLASSES,
+    SHARD_WRITERS,
+    generate_images,
+    shuffled,
+    write_image_folder,
+)
 from pipelines.sources import Catalog, ImageSource
 from pipelines.spec import JobSpec, load_spec_text
 from pipelines.user_data import catalog_labels
@@ -160,9 +167,14 @@ def main() -> None:
         client.create_bucket(Bucket="bench")
         for key, data in generate_images(per_class):
             client.put_object(Bucket="bench", Key=f"images/{key}", Body=data)
+        sources = {"folder": f"file://{small}", "s3": "s3://bench/images/"}
+        for kind, writer in SHARD_WRITERS.items():
+            writer(Path(scratch) / kind, shuffled(generate_images(per_class), 0), per_shard=500)
+            for path in sorted((Path(scratch) / kind).iterdir()):
+                client.upload_file(str(path), "bench", f"{kind}/{path.name}")
+            sources[f"s3 {kind}"] = f"s3://bench/{kind}/"
         context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         torch.set_num_threads(1)  # the other core decodes
-        sources = {"folder": f"file://{small}", "s3": "s3://bench/images/"}
         print(f"{COMMAND} --images {arguments.images} --steps {arguments.steps}")
         print(f"{per_class * len(CLASSES)} images, batch {BATCH}, Ray with 2 CPUs, torch 1 thread")
         print("| side | feed | images/s delivered | x in-memory | SimCLR steps/s | x in-memory |")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -95,26 +95,21 @@ def write_image_folder(
     return count
 
 
-def _shuffled(per_class: int, seed: int, classes: tuple[str, ...]) -> list[tuple[str, bytes]]:
-    images = list(generate_images(per_class, seed, classes))
-    order = np.random.default_rng(seed).permutation(len(images))
-    return [images[i] for i in order]
+def shuffled(images: Iterable[tuple[str, bytes]], seed: int) -> list[tuple[str, bytes]]:
+    """The images in a seeded order, so that each shard mixes the classes."""
+    listed = list(images)
+    return [listed[i] for i in np.random.default_rng(seed).permutation(len(listed))]
 
 
 def write_parquet_shards(
-    root: Path,
-    per_class: int,
-    seed: int = 0,
-    classes: tuple[str, ...] = CLASSES,
-    per_shard: int = 1000,
-    row_group: int = 250,
+    root: Path, images: list[tuple[str, bytes]], per_shard: int = 1000, row_group: int = 250
 ) -> int:
     """Parquet shards ``shard-00000.parquet`` ... under ``root``, ``per_shard`` images each
-    in row groups of ``row_group``; returns how many images were written."""
+    in row groups of ``row_group``, the class (the key's folder) in ``label``; returns how
+    many images were written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    images = _shuffled(per_class, seed, classes)
     root.mkdir(parents=True, exist_ok=True)
     for number, start in enumerate(range(0, len(images), per_shard)):
         chunk = images[start : start + per_shard]
@@ -128,16 +123,10 @@ def write_parquet_shards(
     return len(images)
 
 
-def write_tar_shards(
-    root: Path,
-    per_class: int,
-    seed: int = 0,
-    classes: tuple[str, ...] = CLASSES,
-    per_shard: int = 1000,
-) -> int:
+def write_tar_shards(root: Path, images: list[tuple[str, bytes]], per_shard: int = 1000) -> int:
     """WebDataset shards ``shard-00000.tar`` ... under ``root``: per image ``<n>.png`` (or
-    ``.jpg``) and ``<n>.cls`` with its class; returns how many images were written."""
-    images = _shuffled(per_class, seed, classes)
+    ``.jpg``) and ``<n>.cls`` with its class (the key's folder); returns how many images were
+    written."""
     root.mkdir(parents=True, exist_ok=True)
     for number, start in enumerate(range(0, len(images), per_shard)):
         with tarfile.open(root / f"shard-{number:05d}.tar", "w") as tar:
@@ -154,11 +143,7 @@ def write_tar_shards(
     return len(images)
 
 
-WRITERS = {
-    "folder": write_image_folder,
-    "parquet": write_parquet_shards,
-    "webdataset": write_tar_shards,
-}
+SHARD_WRITERS = {"parquet": write_parquet_shards, "webdataset": write_tar_shards}
 
 
 def main() -> None:
@@ -166,9 +151,13 @@ def main() -> None:
     parser.add_argument("root", type=Path, help="folder to write (created if missing)")
     parser.add_argument("--per-class", type=int, default=200, help="images per class")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=sorted(WRITERS), default="folder")
+    parser.add_argument("--format", choices=["folder", *SHARD_WRITERS], default="folder")
     arguments = parser.parse_args()
-    count = WRITERS[arguments.format](arguments.root, arguments.per_class, arguments.seed)
+    if arguments.format == "folder":
+        count = write_image_folder(arguments.root, arguments.per_class, arguments.seed)
+    else:
+        images = shuffled(generate_images(arguments.per_class, arguments.seed), arguments.seed)
+        count = SHARD_WRITERS[arguments.format](arguments.root, images)
     print(f"wrote {count} images in {len(CLASSES)} classes under {arguments.root.resolve()}")
     print(f'train on it with data: {{source: "file://{arguments.root.resolve()}"}}')
 

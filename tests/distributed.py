@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray.data
 import ray.train
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -22,12 +23,18 @@ def _run_and_save(config: dict[str, Any]) -> None:
 
 
 def run_on_workers(
-    fn: Callable[[Any], Any], args: Any, tmp_path: Path, num_workers: int = 2
+    fn: Callable[[Any], Any],
+    args: Any,
+    tmp_path: Path,
+    num_workers: int = 2,
+    datasets: dict[str, ray.data.Dataset] | None = None,
 ) -> list[Any]:
     """Run ``fn(args)`` on ``num_workers`` DDP ranks; return the ranks' results in order.
 
     ``fn`` must be a module-level function (it is shipped to the workers) and should return
-    CPU tensors or plain values.
+    CPU tensors or plain values. Each of ``datasets`` reaches the ranks as equal shards
+    (``ray.train.get_dataset_shard(name)``); its decode tasks then take the CPU the ranks
+    leave free, as in a job (half a CPU each).
     """
     out = tmp_path / "ranks"
     out.mkdir(parents=True, exist_ok=True)
@@ -35,8 +42,13 @@ def run_on_workers(
         _run_and_save,
         train_loop_config={"fn": fn, "args": args, "out": str(out)},
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=False,
+            resources_per_worker={"CPU": 0.5} if datasets else None,
+        ),
         run_config=RunConfig(storage_path=str(tmp_path / "storage"), name="dist-test"),
+        datasets=datasets,
     )
     trainer.fit()
     results = []

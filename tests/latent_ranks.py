@@ -10,6 +10,7 @@ ones read from the cache. Running one module alone runs only its part.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,15 @@ from tests.distributed import run_on_workers
 # part name -> (what each rank runs: module-level fn(args), how to make args in a folder)
 _PARTS: dict[str, tuple[Callable[[Any], Any], Callable[[Path], Any]]] = {}
 _RESULTS: dict[str, list[Any]] = {}
+
+
+@dataclass(frozen=True)
+class WithDatasets:
+    """What ``make_args`` returns for a part whose ranks read Ray Data shards: its ranks'
+    argument, and datasets for the shared run's trainer (named apart from other parts')."""
+
+    args: Any
+    datasets: dict[str, Any]
 
 
 def _no_arguments(folder: Path) -> None:
@@ -43,12 +53,17 @@ def part_results(name: str, tmp_path_factory: pytest.TempPathFactory) -> list[An
     """Each rank's result of part ``name`` (needs the ``ray_local`` fixture active)."""
     if name not in _RESULTS:
         root = tmp_path_factory.mktemp("latent-ranks")
-        parts = {
-            part: (on_each_rank, make_args(root / part))
-            for part, (on_each_rank, make_args) in _PARTS.items()
-            if part not in _RESULTS
-        }
-        ranks = run_on_workers(_run_parts, parts, root)
+        parts, datasets = {}, {}
+        for part, (on_each_rank, make_args) in _PARTS.items():
+            if part in _RESULTS:
+                continue
+            args = make_args(root / part)
+            if isinstance(args, WithDatasets):
+                assert not datasets.keys() & args.datasets.keys(), "dataset names must differ"
+                datasets |= args.datasets
+                args = args.args
+            parts[part] = (on_each_rank, args)
+        ranks = run_on_workers(_run_parts, parts, root, datasets=datasets)
         for part in parts:
             _RESULTS[part] = [rank[part] for rank in ranks]
     return _RESULTS[name]

@@ -1,9 +1,14 @@
-"""Everything on S3 (moto's server on loopback): a controller whose Ray Train ``storage_path``
-and MLflow artifact root are S3 URIs runs SimCLR on users' images streamed from an S3 bucket
-by Ray Data. A Ray Train worker is killed mid-epoch: the restarted gang reads the latest
-checkpoint back from S3, gets new shards of the same stream and redoes the interrupted epoch
-whole, so the step count goes on from the checkpoint's and ends where a straight run ends.
-The registered encoder's files and the run's pictures are on S3 and load from there."""
+"""Everything on S3 (moto's server on loopback, IAM checks on): a controller whose Ray Train
+``storage_path`` and MLflow artifact root are S3 URIs runs PIRL on users' images streamed
+from an S3 bucket by Ray Data: crops of bundled photographs at mixed sizes, grey, colour and
+RGBA, with corrupt and truncated files among them, which are skipped and counted.
+
+A Ray Train worker is killed mid-epoch: the restarted gang reads the latest checkpoint
+(memory bank included) back from S3, gets new shards of the same stream and redoes the
+interrupted epoch whole, so the step count goes on from the checkpoint's and ends where a
+straight run ends. The job evaluates on the bucket's class folders; the registered
+encoder's files and the run's pictures are on S3 and load from there; the S3 key is nowhere
+a user or an operator reads."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.sources import Catalog, ImageSource
 from pipelines.user_data import catalog_labels
+from service.config import StatePaths
+from service.stack import ray_auth_env
 from service.store import JobState
 from tests.conftest import SELFSUP, SecondController, Stack
 from tests.processes import find
@@ -28,8 +36,26 @@ from workers.data import split_samples
 from workers.train_loop import REFERENCE_FILE
 
 STORE = "selfsup-store"  # the bucket the controller keeps checkpoints and artifacts in
-MODEL = "s3-chaos"
+MODEL = "test-pirl-s3"
 EPOCHS = 6
+
+
+def _ray_job_records(stack: Stack) -> str:
+    """Every Ray job the stack's head knows, entrypoint and runtime env included, as text
+    (read in a process of its own, which holds the head's token)."""
+    script = (
+        "import sys; from ray.job_submission import JobSubmissionClient; "
+        "print(JobSubmissionClient(sys.argv[1]).list_jobs())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, stack.info["dashboard_url"]],
+        env={**stack.env, **ray_auth_env(StatePaths(stack.home))},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return result.stdout
 
 
 def checkpoint_keys(s3: S3Endpoint, job_id: str) -> list[str]:
@@ -53,17 +79,17 @@ def wait_for_two_checkpoints(s3: S3Endpoint, controller: SecondController, job_i
         time.sleep(0.3)
 
 
-def test_a_killed_worker_resumes_from_its_checkpoint_on_s3(
+def test_pirl_on_s3_resumes_a_killed_worker_from_its_checkpoint_on_s3(
     stack: Stack, s3: S3Endpoint, bucket: str, tmp_path: Path
 ) -> None:
     s3.client().create_bucket(Bucket=STORE)
     on_s3 = {"storage_path": f"s3://{STORE}/runs", "artifact_root": f"s3://{STORE}/mlflow"}
-    method = {"name": "simclr", "temperature": 0.2, "projection_dim": 32, "hidden_dim": 64}
+    method = {"name": "pirl", "num_negatives": 64, "projection_dim": 32, "hidden_dim": 64}
     document = job_document(MODEL, method, bucket, max_bad_fraction=0.1)
     document["train"]["epochs"] = EPOCHS
     # A linear probe on the bucket's class folders: its pictures go to the run's artifacts.
     document["evaluate"] |= {"knn": False}
-    spec = tmp_path / "s3-chaos.yaml"
+    spec = tmp_path / "pirl-s3.yaml"
     spec.write_text(json.dumps(document))
 
     with stack.second_controller(tmp_path, **on_s3) as controller:
@@ -82,6 +108,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_on_s3(
         os.kill(workers[0], signal.SIGKILL)  # Ray Train restarts the gang from the checkpoint
         job = controller.wait_for(job_id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=480)
         followed, _ = follower.communicate(timeout=60)  # it ends by itself once the job has
+        logs = stack.run_cli(controller.env, "job", "logs", job_id).stdout
 
     assert job["state"] == "SUCCEEDED", job["message"]
     assert job["attempts"] == 1  # the gang restarted inside the run: no retry of the job
@@ -100,6 +127,9 @@ def test_a_killed_worker_resumes_from_its_checkpoint_on_s3(
     # Unreadable files are counted once each, however often the redone epoch met them.
     broken_in_training = {catalog.keys[i] for i in train} & BROKEN.keys()
     assert run.data.metrics["data.bad_samples"] == len(broken_in_training)
+    assert f"skipped {len(broken_in_training)} unreadable images" in logs
+    assert any(key in logs for key in broken_in_training)
+    assert run.data.metrics["eval.linear.top1"] > 0.5  # on the bucket's class folders
 
     # Nothing of the job on the head's disk: checkpoints, pictures and the encoder are on S3.
     assert not (tmp_path / "runs").exists() and not (tmp_path / "artifacts").exists()
@@ -113,3 +143,12 @@ def test_a_killed_worker_resumes_from_its_checkpoint_on_s3(
     final.mkdir()
     s3.client().download_file(STORE, reference, str(final / REFERENCE_FILE))
     assert_loads_and_reproduces(MODEL, tracking_uri, final)
+
+    # The S3 key is nowhere a user or an operator reads: params, tags, logs, stored spec,
+    # the Ray job's entrypoint and runtime environment.
+    secret = s3.secret_key
+    assert all(secret not in value for value in run.data.params.values())
+    assert all(secret not in value for value in run.data.tags.values())
+    assert secret not in logs and secret not in json.dumps(job)
+    ray_jobs = _ray_job_records(stack)
+    assert job_id in ray_jobs and secret not in ray_jobs

@@ -7,6 +7,7 @@ loop here costs only its training."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from safetensors.torch import load_file
 import selfsup
 from pipelines.registry import register_encoder
 from pipelines.spec import parse_spec
-from tests.latent_ranks import part_results, register_part
+from pipelines.user_data import prepare_user_data
+from tests.latent_ranks import WithDatasets, part_results, register_part
 from workers.train_loop import ENCODER_DIR, REFERENCE_FILE, train_loop_per_worker
 
 Runs = dict[str, tuple[str, str, Path]]  # method -> (tracking URI, MLflow run id, checkpoint)
@@ -43,28 +45,37 @@ def train_one_after_another(
     return jobs, folders
 
 
-def _jobs(folder: Path, documents: dict[str, dict]) -> list[dict[str, Any]]:
+def train_loop_jobs(folder: Path, documents: dict[str, dict]) -> WithDatasets:
     """The train loop's config for each spec document, each with its own MLflow run in a
-    SQLite store under ``folder`` that the workers on this machine reach too."""
+    SQLite store under ``folder`` that the workers on this machine reach too. A user's
+    images are prepared as the driver prepares them, their stream named after the job."""
     folder.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
     experiment = client.create_experiment("jobs", artifact_location=str(folder / "artifacts"))
-    return [
-        {
-            "spec": parse_spec(document),
+    jobs, datasets = [], {}
+    for method, document in documents.items():
+        spec = parse_spec(document)
+        job = {
+            "spec": spec,
             "run_id": client.create_run(experiment, run_name=method).info.run_id,
             "tracking_uri": tracking_uri,
-            "method": method,  # the table's key; the train loop reads the three above
+            "method": method,  # the table's key; the train loop reads the others
         }
-        for method, document in documents.items()
-    ]
+        if spec.data.is_user_data:
+            user_data = prepare_user_data(spec)
+            job["images"] = replace(user_data.images, dataset=f"train-{method}")
+            datasets[f"train-{method}"] = user_data.stream
+        jobs.append(job)
+    return WithDatasets(jobs, datasets)
 
 
 def register_train_loops(part: str, documents: Callable[[], dict[str, dict]]) -> None:
     """Run the train loop of every ``documents()`` spec (method -> document) as part
     ``part`` of the shared Ray Train run."""
-    register_part(part, train_one_after_another, lambda folder: _jobs(folder, documents()))
+    register_part(
+        part, train_one_after_another, lambda folder: train_loop_jobs(folder, documents())
+    )
 
 
 def register_and_assert_loads(runs: Runs, method: str, model: str) -> None:

@@ -112,7 +112,7 @@ class StreamFeed(Feed):
     def __init__(
         self, spec: JobSpec, images: StreamedImages, world: int, device: torch.device
     ) -> None:
-        self.shard = ray.train.get_dataset_shard("train")
+        self.shard = ray.train.get_dataset_shard(images.dataset)
         self.per_rank, self.seed = spec.train.batch_size // world, spec.train.seed
         self.images, self.device = images, device
         self.shape = (images.channels, images.side)

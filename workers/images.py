@@ -181,6 +181,7 @@ class StreamedImages:
     sample: np.ndarray  # uint8 (m, C, S, S): training images for the pictures and statistics
     bad: Any  # the job's BadSamples actor
     max_bad: int  # unreadable training images allowed before the job fails
+    dataset: str = "train"  # the name the trainer was handed the stream under
 
 
 def load_images(
