@@ -53,9 +53,11 @@ class InProcess:
         return sum(losses) / len(losses)
 
 
-def in_process(spec: JobSpec) -> InProcess:
+def in_process(spec: JobSpec, dataset: ImageDataset | None = None) -> InProcess:
+    """``dataset``: already decoded images (a user's, decoded once), else the spec's builtin."""
     train = spec.train
-    dataset = load_data_section(spec.data.model_dump(mode="json"))  # with its options
+    if dataset is None:
+        dataset = load_data_section(spec.data.model_dump(mode="json"))  # with its options
     split = split_dataset(dataset, spec.data.test_fraction, spec.data.split_seed)
     train_images = dataset.images[split.train]
     sampler = DistributedSampler(

@@ -83,8 +83,10 @@ def with_overrides(spec: JobSpec, settings: list[str]) -> JobSpec:
     return spec.model_copy(update={"method": spec.method.model_copy(update=changes)})
 
 
-def train_and_probe(spec: JobSpec) -> Row:
-    run = in_process(spec)
+def train_and_probe(spec: JobSpec, dataset: ImageDataset | None = None) -> Row:
+    """Train ``spec`` in this process (on ``dataset`` when given, else its builtin), then
+    probe its encoder's frozen features."""
+    run = in_process(spec, dataset)
     wall, cpu = time.perf_counter(), time.process_time()
     losses = [run.train_epoch(epoch) for epoch in range(spec.train.epochs)]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
