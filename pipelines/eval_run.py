@@ -21,10 +21,12 @@ from torch import nn
 from pipelines import tags
 from pipelines.evaluate import Evaluation, evaluate_encoder, log_evaluation
 from pipelines.registry import PROVENANCE_FILE, download_version
+from pipelines.sources import source_problems
 from pipelines.spec import DataSpec, EvaluateSpec
+from pipelines.user_data import labelled_images
 from service.registry import Registry, parse_reference
 from service.tracking import Tracking
-from workers.data import load_dataset, split_dataset
+from workers.data import SampleDataset, Split, load_dataset, split_dataset
 from workers.export import load_encoder_dir
 
 PROTOCOLS = ("linear", "knn", "semi")
@@ -113,6 +115,42 @@ def _check_fits(source: EncoderSource, data: str, samples: torch.Tensor) -> None
         ) from None
 
 
+def _input_shape(source: EncoderSource) -> tuple[int, int]:
+    """(channels, side) the encoder takes: recorded with its version, else in its config."""
+    shape = source.tags.get(tags.INPUT_SHAPE)
+    if shape:
+        channels, side, _ = (int(part) for part in shape.split("x"))
+        return channels, side
+    config = source.encoder.config
+    return int(config["in_channels"]), int(config["image_size"])
+
+
+def _labelled(source: EncoderSource, data_spec: DataSpec) -> tuple[SampleDataset, Split]:
+    """The labelled data: a builtin, or a user's labelled images (class folders, or a shard
+    set's labels) decoded to the encoder's input shape, as a job's ``evaluate.data`` is."""
+    if data_spec.is_user_data:
+        problems = source_problems(data_spec.source, "--data")
+        if problems:
+            raise EvaluationRequestError("; ".join(message for _, message in problems))
+        channels, side = _input_shape(source)
+        labelled = labelled_images(
+            data_spec.source, side, channels, data_spec.test_fraction, data_spec.split_seed
+        )
+        if labelled is None:
+            raise EvaluationRequestError(
+                f"{data_spec.source} has no labels: its images are not all in first-level "
+                "class folders (or its shards have no label column)"
+            )
+        return labelled
+    dataset = load_dataset(data_spec.source)
+    if dataset.labels is None:
+        raise EvaluationRequestError(
+            f"{data_spec.source} has no labels: linear, kNN and semi-supervised evaluation "
+            "need a labelled data source"
+        )
+    return dataset, split_dataset(dataset, data_spec.test_fraction, data_spec.split_seed)
+
+
 def evaluate_as_run(
     source: EncoderSource,
     tracking: Tracking,
@@ -124,14 +162,8 @@ def evaluate_as_run(
 ) -> tuple[str, Evaluation]:
     """Evaluate ``source`` with ``protocols``; returns the new run's id and the results."""
     data_spec = _data_spec(source, data, test_fraction, split_seed)
-    dataset = load_dataset(data_spec.source)
-    if dataset.labels is None:
-        raise EvaluationRequestError(
-            f"{data_spec.source} has no labels: linear, kNN and semi-supervised evaluation "
-            "need a labelled data source"
-        )
+    dataset, split = _labelled(source, data_spec)
     _check_fits(source, data_spec.source, dataset.images[:2])
-    split = split_dataset(dataset, data_spec.test_fraction, data_spec.split_seed)
     spec = EvaluateSpec(
         linear="linear" in protocols,
         knn="knn" in protocols,

@@ -42,6 +42,7 @@ class Piece:
     start: int
     rows: int
     row_group: int = -1  # Parquet's; a tar is read whole
+    first_row: int = 0  # the piece's first row within its Parquet shard
 
 
 @dataclass(frozen=True)
@@ -102,19 +103,21 @@ class ShardSet:
     offsets: np.ndarray | None = None
     sizes: np.ndarray | None = None
 
-    def read_piece(self, piece: Piece) -> Iterator[tuple[int, bytes | None]]:
-        """(global index, encoded image) of every sample of ``piece``, in order."""
+    def read_piece(self, piece: Piece) -> Iterator[tuple[int, str, bytes | None]]:
+        """(global index, sample name, encoded image) of every sample of ``piece``, in
+        order; the names are the catalog's (``shard#row``, ``shard/sample``)."""
         if self.kind == "parquet":
             with self.source.open(piece.shard) as handle:
                 table = pq.ParquetFile(handle).read_row_group(
                     piece.row_group, columns=[self.image_column]
                 )
-            yield from enumerate(_image_bytes(table.column(0)), start=piece.start)
+            for row, data in enumerate(_image_bytes(table.column(0)), start=piece.first_row):
+                yield piece.start + row - piece.first_row, f"{piece.shard}#{row}", data
             return
         with self.source.open_stream(piece.shard) as stream:
             samples = _tar_samples(stream, self.image_column, TAR_LABEL, read=True)
             for index, sample in enumerate(samples, start=piece.start):
-                yield index, sample.data
+                yield index, f"{piece.shard}/{sample.name}", sample.data
 
     def read(self, indices: Iterable[int]) -> Iterator[tuple[int, bytes | None]]:
         """Scattered samples, each piece opened once for all of its samples asked for."""
@@ -127,7 +130,7 @@ class ShardSet:
         for number, wanted in by_piece.items():
             piece = self.pieces[number]
             if self.kind == "parquet":
-                rows = dict(self.read_piece(piece))
+                rows = {index: data for index, _, data in self.read_piece(piece)}
                 yield from ((index, rows[index]) for index in wanted)
                 continue
             with self.source.open(piece.shard) as handle:
@@ -176,7 +179,7 @@ def _list_parquet(
             row = 0
             for group in range(shard.num_row_groups):
                 rows = shard.metadata.row_group(group).num_rows
-                pieces.append(Piece(key, len(names), rows, group))
+                pieces.append(Piece(key, len(names), rows, group, first_row=row))
                 names.extend(f"{key}#{number}" for number in range(row, row + rows))
                 row += rows
             if label is not None:

@@ -87,25 +87,45 @@ def evaluation_set(spec: JobSpec, user_data: UserData) -> tuple[SampleDataset, S
     class folders with the pretraining split. None when neither has labels."""
     data = spec.data
     if spec.evaluate.data is not None:
-        catalog = Catalog.list(
-            ImageSource.parse(spec.evaluate.data), data.image_column, data.label_column
+        labelled = labelled_images(
+            spec.evaluate.data,
+            data.side,
+            data.depth,
+            data.test_fraction,
+            data.split_seed,
+            data.image_column,
+            data.label_column,
         )
-        if catalog.labels is None:
-            return None
-        chosen = _subset(np.arange(len(catalog.keys)), catalog.labels, data.split_seed)
-        dataset, kept = _decoded(catalog, chosen, spec)
-        split = split_samples(len(kept), dataset.labels, data.test_fraction, data.split_seed)
-        return dataset, split, spec.evaluate.data
+        return None if labelled is None else (*labelled, spec.evaluate.data)
     catalog = user_data.catalog
     if catalog.labels is None:
         return None
     every = np.concatenate([user_data.split.train, user_data.split.test])
-    dataset, kept = _decoded(
-        catalog, np.sort(_subset(every, catalog.labels, data.split_seed)), spec
-    )
+    chosen = np.sort(_subset(every, catalog.labels, data.split_seed))
+    dataset, kept = _decoded(catalog, chosen, data.side, data.depth)
     in_test = np.isin(kept, user_data.split.test)
     split = Split(train=np.flatnonzero(~in_test), test=np.flatnonzero(in_test))
     return dataset, split, data.source
+
+
+def labelled_images(
+    uri: str,
+    side: int,
+    depth: int,
+    test_fraction: float,
+    split_seed: int,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> tuple[SampleDataset, Split] | None:
+    """A labelled source (class folders, or a shard set's labels) decoded for evaluation,
+    at most EVAL_MAX_IMAGES of it, split by the recipe over what decoded; None when it has
+    no labels."""
+    catalog = Catalog.list(ImageSource.parse(uri), image_column, label_column)
+    if catalog.labels is None:
+        return None
+    chosen = _subset(np.arange(len(catalog.keys)), catalog.labels, split_seed)
+    dataset, kept = _decoded(catalog, chosen, side, depth)
+    return dataset, split_samples(len(kept), dataset.labels, test_fraction, split_seed)
 
 
 def _subset(indices: np.ndarray, labels: list[int], seed: int) -> np.ndarray:
@@ -123,10 +143,10 @@ def _subset(indices: np.ndarray, labels: list[int], seed: int) -> np.ndarray:
 
 
 def _decoded(
-    catalog: Catalog, indices: np.ndarray, spec: JobSpec
+    catalog: Catalog, indices: np.ndarray, side: int, depth: int
 ) -> tuple[SampleDataset, np.ndarray]:
     """The labelled images ``indices`` that decode, as floats in [0, 1], and their indices."""
-    images, kept = load_images(catalog, indices, spec.data.side, spec.data.depth)
+    images, kept = load_images(catalog, indices, side, depth)
     labels = torch.tensor([catalog.labels[i] for i in kept], dtype=torch.int64)
     samples = torch.from_numpy(images).float().div_(255.0)
     return SampleDataset(samples=samples, labels=labels), kept

@@ -47,8 +47,9 @@ def test_every_sample_has_one_index_and_its_class(kind: str, tmp_path: Path) -> 
     assert len(catalog.keys) == count == 30 and catalog.classes == sorted(CLASSES)
     shards = catalog.shards
     assert shards is not None and shards.kind == kind
-    read = [index for piece in shards.pieces for index, _ in shards.read_piece(piece)]
-    assert read == list(range(count))  # pieces in set order cover every index once
+    read = [(index, name) for piece in shards.pieces for index, name, _ in shards.read_piece(piece)]
+    # Pieces in set order cover every index once, under the catalog's names.
+    assert read == list(enumerate(catalog.keys)) and len(read) == count
     # The label of each sample is the class its image was cut from.
     per_class = {name: catalog.labels.count(number) for number, name in enumerate(catalog.classes)}
     assert per_class == dict.fromkeys(CLASSES, 10)

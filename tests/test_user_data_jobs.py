@@ -68,6 +68,19 @@ def test_simclr_trains_on_a_folder_of_images(stack: Stack, folder: Path, tmp_pat
     assert run.data.metrics["eval.linear.top1"] > 0.6
     assert run.data.metrics["eval.knn.top1"] > 0.6
     assert_registered_and_loads(stack, job, document["name"])
+    # `selfsup eval --data` on the same labelled folder decodes, subsets and splits it as the
+    # job's evaluate.data did: the same number, as a run of its own.
+    evaluated = stack.cli(
+        "eval", f"{document['name']}@candidate", "--data", f"file://{labelled}", "-o", "json"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads(evaluated.stdout)
+    assert again["split"]["source"] == f"file://{labelled}"
+    assert again["metrics"]["eval.linear.top1"] == pytest.approx(
+        run.data.metrics["eval.linear.top1"], abs=1e-9
+    )
+    refused = stack.cli("eval", f"{document['name']}@candidate", "--data", f"file://{tmp_path}/x")
+    assert refused.returncode == 2 and "does not exist" in refused.stderr
 
 
 def test_too_many_unreadable_files_fail_the_job_as_a_user_error(

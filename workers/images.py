@@ -108,7 +108,6 @@ def _decode_files(
 def _decode_pieces(
     batch: dict[str, np.ndarray],
     shards: ShardSet,
-    names: list[str],
     position_of: np.ndarray,
     size: int,
     channels: int,
@@ -118,9 +117,9 @@ def _decode_pieces(
 
     def encoded() -> Iterator[tuple[str, int, int, bytes | None]]:
         for number in batch["piece"]:
-            for index, data in shards.read_piece(shards.pieces[number]):
+            for index, name, data in shards.read_piece(shards.pieces[number]):
                 if position_of[index] >= 0:
-                    yield names[index], index, int(position_of[index]), data
+                    yield name, index, int(position_of[index]), data
 
     return _decoded_rows(encoded(), size, channels, bad)
 
@@ -144,15 +143,8 @@ def image_stream(
         position_of[np.asarray(indices, dtype=np.int64)] = np.arange(len(indices))
         order = rng.permutation(len(catalog.shards.pieces))
         blocks = [pa.table({"piece": [int(number)]}) for number in order]
-        decode, arguments = (
-            _decode_pieces,
-            {
-                "shards": catalog.shards,
-                "names": catalog.keys,
-                "position_of": position_of,
-            },
-        )
-        batch_size = 1
+        decode, batch_size = _decode_pieces, 1
+        arguments = {"shards": catalog.shards, "position_of": position_of}
     else:
         positions = rng.permutation(len(indices))
         chosen = np.asarray(indices, dtype=np.int64)[positions]
