@@ -234,3 +234,42 @@ def stack(s3: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     running.cli("up", "--num-cpus", "2", check=True, timeout=180)
     yield running
     running.cli("down", timeout=120)
+
+
+SIMCLR_DIGITS = Path(__file__).parent.parent / "examples" / "simclr-digits.yaml"
+DIGITS_MODEL = "simclr-digits-test"
+
+
+@pytest.fixture(scope="session")
+def digits_job(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """ONE short SimCLR job on digits through `selfsup job submit --wait`, with every
+    evaluation protocol on (one seed, one label fraction) and its encoder registered as
+    ``DIGITS_MODEL`` version 1, shared by the spine's and the registry's tests (a full job
+    costs ~40 s of start-up). Its status, parsed spec, the `--wait` output, and the model's
+    versions as listed right after the job (later tests add versions and move aliases)."""
+    from pipelines.spec import load_spec_text, read_yaml
+
+    document = read_yaml(SIMCLR_DIGITS.read_text())
+    document["name"] = DIGITS_MODEL
+    document["train"].update(epochs=3)
+    document["evaluate"] = {
+        "linear": True,
+        "knn": True,
+        "label_fractions": [0.1],
+        "seeds": [0],
+        "finetune_steps": 20,
+    }
+    document["register"] = {"model": DIGITS_MODEL, "alias": "candidate"}
+    path = tmp_path_factory.mktemp("digits-job") / "spec.yaml"
+    path.write_text(json.dumps(document))  # JSON is YAML
+    submitted = stack.cli("job", "submit", str(path), "--wait")
+    job_id = submitted.stdout.split()[1]
+    status = json.loads(stack.cli("job", "status", job_id, "-o", "json", check=True).stdout)
+    assert status["state"] == "SUCCEEDED", (status["message"], submitted.stderr[-3000:])
+    listed = stack.cli("encoder", "list", DIGITS_MODEL, "-o", "json", check=True).stdout
+    return {
+        **status,
+        "spec": load_spec_text(path.read_text()),
+        "table": submitted.stdout,  # `--wait` ends with `selfsup job status ID`
+        "versions": json.loads(listed),
+    }

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import selfsup
 from pipelines.spec import read_yaml
-from tests.conftest import Stack
+from tests.conftest import DIGITS_MODEL, Stack
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "simclr-digits.yaml"
 
@@ -35,12 +35,9 @@ def job_json(stack: Stack, job_id: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished_job(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    spec = write_spec(tmp_path_factory.mktemp("spec"), "spine-digits", epochs=3)
-    result = stack.cli("job", "submit", str(spec), "--wait", check=True)
-    assert "epoch" in result.stdout and "loss" in result.stdout  # --wait showed progress
-    job_id = result.stdout.split()[1]
-    return job_json(stack, job_id)
+def finished_job(digits_job: dict) -> dict:
+    assert "epoch" in digits_job["table"] and "loss" in digits_job["table"]  # --wait's progress
+    return digits_job
 
 
 def test_job_succeeds_and_reports_all_three_accuracies(finished_job: dict) -> None:
@@ -48,7 +45,7 @@ def test_job_succeeds_and_reports_all_three_accuracies(finished_job: dict) -> No
     result = finished_job["result"]
     for key in ("eval.linear.top1", "baseline.raw.linear.top1", "baseline.random.linear.top1"):
         assert 0.5 < result[key] <= 1.0, (key, result)
-    assert result["model_name"] == "spine-digits" and result["model_alias"] == "candidate"
+    assert result["model_name"] == DIGITS_MODEL and result["model_alias"] == "candidate"
 
 
 def test_one_id_everywhere(stack: Stack, finished_job: dict) -> None:
@@ -82,9 +79,7 @@ def test_registered_encoder_reproduces_end_of_training_features(
     run_dir = stack.home / "runs" / finished_job["id"]
     (reference_file,) = run_dir.glob("checkpoint_*/reference.safetensors")
     reference = load_file(str(reference_file))
-    encoder = selfsup.load_encoder(
-        "models:/spine-digits@candidate", tracking_uri=stack.tracking_uri
-    )
+    encoder = selfsup.load_encoder(f"models:/{DIGITS_MODEL}/1", tracking_uri=stack.tracking_uri)
     assert not encoder.training
     with torch.no_grad():
         features = encoder(reference["images"])
@@ -92,14 +87,14 @@ def test_registered_encoder_reproduces_end_of_training_features(
 
 
 def test_encoder_list_and_get(stack: Stack, finished_job: dict, tmp_path: Path) -> None:
+    (version,) = finished_job["versions"]  # as `encoder list` showed it right after the job
+    assert (version["aliases"], version["job_id"]) == ("candidate", finished_job["id"])
     listed = json.loads(stack.cli("encoder", "list", "-o", "json", check=True).stdout)
-    versions = [row for row in listed if row["name"] == "spine-digits"]
-    assert versions and versions[-1]["aliases"] == "candidate"
-    assert versions[-1]["job_id"] == finished_job["id"]
+    assert any(row["name"] == DIGITS_MODEL and row["version"] == "1" for row in listed)
     out = tmp_path / "enc"
-    stack.cli("encoder", "get", "spine-digits@candidate", "-o", str(out), check=True)
+    stack.cli("encoder", "get", f"{DIGITS_MODEL}/1", "-o", str(out), check=True)
     from_folder = selfsup.load_encoder(out)
-    from_registry = selfsup.load_encoder("models:/spine-digits@candidate", stack.tracking_uri)
+    from_registry = selfsup.load_encoder(f"models:/{DIGITS_MODEL}/1", stack.tracking_uri)
     probe = torch.rand(4, 1, 8, 8)
     torch.testing.assert_close(from_folder(probe), from_registry(probe))
     missing = stack.cli("encoder", "get", "no-such-model@candidate", "-o", str(tmp_path / "x"))

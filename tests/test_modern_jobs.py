@@ -2,24 +2,27 @@
 the encoders and training options their papers use: ResNet-18 with LARS, bf16, channels_last
 and BatchNorm over the global batch; ViT-tiny for DINO and MAE; fp16 with a loss scale.
 
-One method (VICReg on a ResNet-18 in bf16) takes the full path: real CLI -> controller -> Ray
-Job -> Ray Train on 2 gloo workers -> MLflow -> linear probe -> Model Registry. The others run
-the very same ``train_loop_per_worker`` on 2 gloo ranks inside the Ray Train run shared with
-the other distributed tests (tests/latent_ranks.py), each logging into its own MLflow run,
-then register their encoders and load them with ``selfsup.load_encoder``. Every run must
-show the collapse statistics of each epoch in MLflow.
+Each runs the production ``train_loop_per_worker`` on 2 gloo ranks inside the Ray Train run
+shared with the other distributed tests (tests/latent_ranks.py), each logging into its own
+MLflow run, then registers its encoder and loads it with ``selfsup.load_encoder``; VICReg's
+ResNet-18 is also fetched with `selfsup encoder get` into a folder that loads on its own.
+Every run must show the collapse statistics of each epoch in MLflow. (The full path, CLI ->
+controller -> Ray Job -> driver, is the same for every method and has its own tests:
+tests/test_job_path.py, tests/test_contrastive_jobs.py, tests/test_latent_jobs.py.)
 """
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.spec import read_yaml
-from tests.conftest import Stack
+from tests.conftest import SELFSUP
 from tests.train_loop_runs import (
     Runs,
     assert_loads_and_reproduces,
@@ -27,7 +30,6 @@ from tests.train_loop_runs import (
     register_train_loops,
     train_loop_runs,
 )
-from workers.train_loop import REFERENCE_FILE
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ONLY_LINEAR = {"linear": True, "knn": False, "label_fractions": [], "finetune": False}
@@ -44,10 +46,8 @@ RESNET_LARS_BF16 = {
 VIT = {"encoder": {"arch": "vit-tiny", "patch_size": 2}}
 
 # method: (example, method overrides, other sections' overrides)
-FULL_PATH = {
-    "vicreg": ("vicreg-digits", {"projection_dim": 128, "hidden_dim": 128}, RESNET_LARS_BF16)
-}
 IN_PROCESS = {
+    "vicreg": ("vicreg-digits", {"projection_dim": 128, "hidden_dim": 128}, RESNET_LARS_BF16),
     "byol": ("byol-digits", {}, RESNET_LARS_BF16),
     "simsiam": ("simsiam-digits", {}, {"train": {"precision": "fp16"}}),
     "barlow_twins": ("barlow_twins-digits", {"projection_dim": 128, "hidden_dim": 128}, {}),
@@ -80,26 +80,6 @@ def assert_logged_collapse_statistics(client: MlflowClient, run_id: str) -> None
     assert metrics["collapse.effective_rank"] >= 1
 
 
-@pytest.mark.parametrize("method", sorted(FULL_PATH))
-def test_method_runs_the_full_job_path(stack: Stack, tmp_path: Path, method: str) -> None:
-    document = tiny_document(method, FULL_PATH)
-    job = stack.run_job(document, tmp_path)
-    job_id = job["id"]
-
-    client = MlflowClient(stack.tracking_uri)
-    assert_logged_collapse_statistics(client, job["mlflow_run_id"])
-    run = client.get_run(job["mlflow_run_id"])
-    assert run.data.params["encoder.arch"] == "resnet18"
-    assert run.data.params["train.precision"] == "bf16"
-    assert 0.1 < run.data.metrics["eval.linear.top1"] <= 1
-    (checkpoint,) = {p.parent for p in (stack.home / "runs" / job_id).glob(f"*/{REFERENCE_FILE}")}
-    assert_loads_and_reproduces(document["name"], stack.tracking_uri, checkpoint)
-    # `encoder get` writes a folder that loads on its own: JSON config + safetensors.
-    folder = tmp_path / "encoder"
-    stack.cli("encoder", "get", f"{document['name']}@candidate", "-o", str(folder), check=True)
-    assert_loads_and_reproduces(document["name"], None, checkpoint, folder)
-
-
 register_train_loops(
     "modern_train_loop",
     lambda: {method: tiny_document(method, IN_PROCESS) for method in IN_PROCESS},
@@ -118,3 +98,22 @@ def test_method_runs_the_train_loop_and_registers_a_loadable_encoder(
     tracking_uri, run_id, _ = in_process_runs[method]
     assert_logged_collapse_statistics(MlflowClient(tracking_uri), run_id)
     register_and_assert_loads(in_process_runs, method, tiny_document(method, IN_PROCESS)["name"])
+
+
+def test_encoder_get_writes_a_resnet_folder_that_loads_alone(
+    in_process_runs: Runs, tmp_path: Path
+) -> None:
+    tracking_uri, run_id, checkpoint = in_process_runs["vicreg"]
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.data.params["encoder.arch"] == "resnet18"
+    assert run.data.params["train.precision"] == "bf16"
+    name = tiny_document("vicreg", IN_PROCESS)["name"] + "-get"
+    register_and_assert_loads(in_process_runs, "vicreg", name)
+    folder = tmp_path / "encoder"
+    subprocess.run(
+        [SELFSUP, "encoder", "get", f"{name}@candidate", "-o", str(folder)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        check=True,
+        timeout=120,
+    )
+    assert_loads_and_reproduces(name, None, checkpoint, folder)

@@ -1,7 +1,8 @@
-"""The evaluation and the registry along the full path, around ONE short job on the shared
-stack: the version it registers and its tags, `selfsup eval` reproducing the job's numbers
-on the same split, promotion rules, `encoder get` loading in a fresh process without the
-training code, clear errors for unknown or broken encoders, and unlabelled data."""
+"""The evaluation and the registry along the full path, around the ONE short job on the
+shared stack that tests/test_job_path.py reads too (conftest's ``digits_job``): the version
+it registers and its tags, `selfsup eval` reproducing the job's numbers on the same split,
+promotion rules, `encoder get` loading in a fresh process without the training code, clear
+errors for unknown or broken encoders, and unlabelled data."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 import selfsup
 from pipelines import tags
 from pipelines.registry import register_encoder
-from pipelines.spec import EncoderSpec, load_spec_text, read_yaml
+from pipelines.spec import EncoderSpec
 from service.registry import (
     PromotionRefused,
     Reference,
@@ -26,45 +27,16 @@ from service.registry import (
     RegistryNotFound,
     metric_value,
 )
-from tests.conftest import Stack
+from tests.conftest import DIGITS_MODEL, Stack
 from workers.encoders import build_encoder
 from workers.export import EncoderLoadError, save_encoder
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "simclr-digits.yaml"
-MODEL = "registry-test-simclr"
+MODEL = DIGITS_MODEL
 
 
-@pytest.fixture(scope="module")
-def job(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One epoch of SimCLR with every protocol on (one seed, one label fraction)."""
-    document = read_yaml(EXAMPLE.read_text())
-    document["name"] = MODEL
-    document["train"].update(epochs=1)
-    document["evaluate"] = {
-        "linear": True,
-        "knn": True,
-        "label_fractions": [0.1],
-        "seeds": [0],
-        "finetune_steps": 20,
-    }
-    document["register"] = {"model": MODEL, "alias": "candidate"}
-    path = tmp_path_factory.mktemp("spec") / "spec.yaml"
-    path.write_text(json.dumps(document))  # JSON is YAML
-    submitted = stack.cli("job", "submit", str(path), "--wait")
-    job_id = re.search(r"submitted (job-\w+)", submitted.stdout)[1]
-    status = json.loads(stack.cli("job", "status", job_id, "-o", "json", check=True).stdout)
-    assert status["state"] == "SUCCEEDED", (status["message"], submitted.stderr[-3000:])
-    # `--wait` ends by printing `selfsup job status ID`, result table included.
-    return {**status, "spec": load_spec_text(path.read_text()), "table": submitted.stdout}
-
-
-def versions(stack: Stack) -> list[dict]:
-    return json.loads(stack.cli("encoder", "list", MODEL, "-o", "json", check=True).stdout)
-
-
-def test_the_job_evaluates_registers_and_tags_its_version(stack: Stack, job: dict) -> None:
+def test_the_job_evaluates_registers_and_tags_its_version(stack: Stack, digits_job: dict) -> None:
     client = MlflowClient(stack.tracking_uri)
-    run = client.get_run(job["mlflow_run_id"])
+    run = client.get_run(digits_job["mlflow_run_id"])
     metrics = run.data.metrics
     for subject in ("eval", "baseline.raw", "baseline.random"):
         assert 0.1 < metrics[f"{subject}.linear.top1"] <= 1.0
@@ -72,8 +44,9 @@ def test_the_job_evaluates_registers_and_tags_its_version(stack: Stack, job: dic
         assert 0.1 < metrics[f"{subject}.semi.0.1.linear.top1.mean"] <= 1.0
     assert "eval.semi.0.1.finetune.top1.mean" in metrics
     assert "baseline.raw.semi.0.1.finetune.top1.mean" not in metrics  # nothing to fine-tune
-    evaluated = {k: v for k, v in job["result"].items() if k.startswith(("eval.", "baseline."))}
-    assert evaluated == {k: v for k, v in metrics.items() if k.startswith(("eval.", "baseline."))}
+    evaluation = ("eval.", "baseline.")
+    evaluated = {k: v for k, v in digits_job["result"].items() if k.startswith(evaluation)}
+    assert evaluated == {k: v for k, v in metrics.items() if k.startswith(evaluation)}
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id, "eval")}
     assert artifacts == {
         f"eval/{name}"
@@ -85,21 +58,21 @@ def test_the_job_evaluates_registers_and_tags_its_version(stack: Stack, job: dic
         )
     }
 
-    (version,) = versions(stack)
+    (version,) = digits_job["versions"]  # as listed right after the job
     version_tags = version["tags"]
     assert version["aliases"] == "candidate" and version["run_id"] == run.info.run_id
     assert version["metrics"]["eval.linear.top1"] == pytest.approx(metrics["eval.linear.top1"])
-    assert version_tags[tags.JOB_ID] == job["id"]
+    assert version_tags[tags.JOB_ID] == digits_job["id"]
     assert version_tags["selfsup.method"] == "simclr"
     assert version_tags["selfsup.dataset"] == "builtin:digits"
-    assert version_tags["selfsup.config_hash"] == job["spec"].config_hash()
+    assert version_tags["selfsup.config_hash"] == digits_job["spec"].config_hash()
     assert re.fullmatch(r"0\.1\.0(\+g[0-9a-f]{12}(\.dirty)?)?", version_tags[tags.CODE_VERSION])
     assert version_tags[tags.SPLIT_DIGEST] == run.data.tags[tags.SPLIT_DIGEST]
     for key in ("eval.linear.top1", "eval.knn.top1", "eval.semi.0.1.finetune.top1.mean"):
         assert float(version_tags[key]) == pytest.approx(metrics[key], abs=1e-6)
-    assert "simclr" in version["description"] and "1 epochs" in version["description"]
+    assert "simclr" in version["description"] and "3 epochs" in version["description"]
 
-    table = job["table"]  # `selfsup job status ID`: one compact table, one row per network
+    table = digits_job["table"]  # `selfsup job status ID`: one compact table, one row per network
     assert re.search(r"linear\s+knn\s+10% lin\s+10% ft", table)
     encoder_row = next(line for line in table.splitlines() if line.strip().startswith("encoder"))
     assert f"{metrics['eval.linear.top1']:.3f}" in encoder_row
@@ -107,12 +80,12 @@ def test_the_job_evaluates_registers_and_tags_its_version(stack: Stack, job: dic
 
 
 def test_selfsup_eval_reproduces_the_jobs_numbers_on_the_same_split(
-    stack: Stack, job: dict
+    stack: Stack, digits_job: dict
 ) -> None:
     result = stack.cli("eval", f"{MODEL}@candidate", "--protocol", "linear", "-o", "json")
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = json.loads(result.stdout)
-    job_metrics = MlflowClient(stack.tracking_uri).get_run(job["mlflow_run_id"]).data.metrics
+    job_metrics = MlflowClient(stack.tracking_uri).get_run(digits_job["mlflow_run_id"]).data.metrics
     for key in ("eval.linear.top1", "baseline.raw.linear.top1", "baseline.random.linear.top1"):
         assert evaluation["metrics"][key] == job_metrics[key], key
     assert set(evaluation["metrics"]) == {
@@ -126,16 +99,17 @@ def test_selfsup_eval_reproduces_the_jobs_numbers_on_the_same_split(
     client = MlflowClient(stack.tracking_uri)
     run = client.get_run(evaluation["run_id"])  # its own run, linked to the model version
     assert run.data.tags[tags.MODEL_NAME] == MODEL and run.data.tags[tags.MODEL_VERSION] == "1"
-    assert run.info.run_id != job["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.info.run_id != digits_job["mlflow_run_id"] and run.info.status == "FINISHED"
     linked = client.get_logged_model(version.model_id).metrics
     assert {metric.key for metric in linked} >= {"eval.linear.top1"}
 
 
-def test_promotion_refuses_a_worse_version_unless_forced(stack: Stack, job: dict) -> None:
+def test_promotion_refuses_a_worse_version_unless_forced(stack: Stack, digits_job: dict) -> None:
     registry, champion = Registry(stack.tracking_uri), Reference(MODEL, alias="champion")
     first = metric_value(registry.resolve(Reference(MODEL, version="1")), "eval.linear.top1")
     client = MlflowClient(stack.tracking_uri)
-    run_id = client.create_run(client.get_run(job["mlflow_run_id"]).info.experiment_id).info.run_id
+    experiment_id = client.get_run(digits_job["mlflow_run_id"]).info.experiment_id
+    run_id = client.create_run(experiment_id).info.run_id
     encoder_dir = stack.home / "random-encoder"
     save_encoder(encoder_dir, build_encoder(EncoderSpec().config(in_channels=1, image_size=8)))
     worse = f"{first - 0.1:.6f}"
@@ -166,7 +140,7 @@ def test_promotion_refuses_a_worse_version_unless_forced(stack: Stack, job: dict
 
 
 def test_encoder_get_loads_in_a_fresh_process_without_the_training_code(
-    stack: Stack, job: dict, tmp_path: Path
+    stack: Stack, digits_job: dict, tmp_path: Path
 ) -> None:
     folder = tmp_path / "encoder"
     stack.cli("encoder", "get", f"{MODEL}/1", "-o", str(folder), check=True)
@@ -211,7 +185,7 @@ def test_encoder_get_loads_in_a_fresh_process_without_the_training_code(
 
 
 def test_unknown_and_broken_encoders_give_clear_errors(
-    stack: Stack, job: dict, tmp_path: Path
+    stack: Stack, digits_job: dict, tmp_path: Path
 ) -> None:
     for arguments, message in (
         (("encoder", "get", "no-such-model@champion", "-o", str(tmp_path / "a")), "no registered"),
@@ -242,14 +216,15 @@ def test_unknown_and_broken_encoders_give_clear_errors(
 
 
 def test_the_driver_skips_label_based_evaluation_for_unlabelled_data(
-    stack: Stack, job: dict
+    stack: Stack, digits_job: dict
 ) -> None:
     from pipelines import driver
 
-    spec = job["spec"].model_copy(deep=True)
+    spec = digits_job["spec"].model_copy(deep=True)
     spec.data.source = "builtin:spiral"
     client = MlflowClient(stack.tracking_uri)
-    run_id = client.create_run(client.get_run(job["mlflow_run_id"]).info.experiment_id).info.run_id
+    experiment_id = client.get_run(digits_job["mlflow_run_id"]).info.experiment_id
+    run_id = client.create_run(experiment_id).info.run_id
     encoder = build_encoder(EncoderSpec(arch="mlp", out_dim=16).config(2, 1))
     assert driver._evaluate(spec, encoder, None, client, run_id) is None
     note = client.get_run(run_id).data.tags[tags.EVAL_SKIPPED]
