@@ -3,14 +3,15 @@ budgets (one epoch, a few steps), each ending in an encoder that ``selfsup.load_
 loads and that reproduces the features its final checkpoint recorded.
 
 A job costs ~30-40 s of Ray start-up on 2 cores, so nine jobs do not fit this module's
-budget. Sparse coding takes the full path (real CLI -> controller -> Ray Job -> Ray Train on
-2 gloo workers -> MLflow -> linear probe -> Model Registry): DDP gradients, and an inference
-procedure with a learned dictionary as the encoder. The others, k-means among them (the
-closed-form way the train loop runs a method: no gradient, no DDP), run the very same
-``train_loop_per_worker`` on 2 gloo ranks inside ONE Ray Train run, each logging into its own
-MLflow run, then register their encoders through ``pipelines.registry`` and load them with
-``selfsup.load_encoder``. They include the unlabelled sources (whitened patches, the
-spiral), which the driver does not evaluate.
+budget, and the full path (CLI -> controller -> Ray Job -> driver) is the same for every
+method (tests/test_job_path.py). Every method here, k-means among them (the closed-form way
+the train loop runs a method: no gradient, no DDP), runs the production
+``train_loop_per_worker`` on 2 gloo ranks inside the Ray Train run shared with the other
+distributed tests, each logging into its own MLflow run, then registers its encoder through
+``pipelines.registry`` and loads it with ``selfsup.load_encoder``. They include the
+unlabelled sources (whitened patches, the spiral), which the driver does not evaluate. The
+driver's linear probe scores sparse coding's encoder, an inference procedure with a learned
+dictionary, as a job's driver does.
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.spec import read_yaml
-from tests.conftest import Stack
+from pipelines import driver
+from pipelines.spec import parse_spec, read_yaml
+from selfsup import load_encoder
 from tests.train_loop_runs import (
     Runs,
-    assert_loads_and_reproduces,
     register_and_assert_loads,
     register_train_loops,
     train_loop_runs,
 )
-from workers.train_loop import REFERENCE_FILE
+from workers.train_loop import ENCODER_DIR
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ONLY_LINEAR = {"linear": True, "knn": False, "label_fractions": [], "finetune": False}
@@ -39,7 +40,7 @@ TINY_PATCHES = {"source": "builtin:patches", "patches": {"size": 16, "count": 20
 TINY_SPIRAL = {"source": "builtin:spiral", "spiral": {"count": 400}}
 
 # method: (example, method overrides, data overrides, global batch, figure it logs)
-FULL_PATH = {
+IN_PROCESS = {
     "sparse_coding": (
         "sparse_coding-digits",
         {"atoms": 32, "max_iter": 100},
@@ -47,8 +48,6 @@ FULL_PATH = {
         64,
         "dictionary.png",
     ),
-}
-IN_PROCESS = {
     "kmeans": ("kmeans-digits", {"clusters": 16}, {}, 64, "prototypes.png"),
     "vae": ("vae-digits", {}, {}, 64, "reconstructions.png"),
     "pca": ("pca-digits", {"components": 8}, {}, 64, "components.png"),
@@ -107,21 +106,6 @@ def assert_run_logged(client: MlflowClient, run_id: str, figure: str) -> None:
     assert f"figures/{figure}" in logged, logged
 
 
-@pytest.mark.parametrize("method", sorted(FULL_PATH))
-def test_method_runs_the_full_job_path(stack: Stack, tmp_path: Path, method: str) -> None:
-    document = tiny_document(method, FULL_PATH)
-    job = stack.run_job(document, tmp_path)
-    job_id = job["id"]
-
-    client = MlflowClient(stack.tracking_uri)
-    assert_run_logged(client, job["mlflow_run_id"], FULL_PATH[method][-1])
-    run = client.get_run(job["mlflow_run_id"])
-    assert run.data.params["method.name"] == method
-    assert 0.1 < run.data.metrics["eval.linear.top1"] <= 1
-    (checkpoint,) = {p.parent for p in (stack.home / "runs" / job_id).glob(f"*/{REFERENCE_FILE}")}
-    assert_loads_and_reproduces(document["name"], stack.tracking_uri, checkpoint)
-
-
 register_train_loops(
     "train_loop", lambda: {method: tiny_document(method, IN_PROCESS) for method in IN_PROCESS}
 )
@@ -139,3 +123,17 @@ def test_method_runs_the_train_loop_and_registers_a_loadable_encoder(
     tracking_uri, run_id, _ = in_process_runs[method]
     assert_run_logged(MlflowClient(tracking_uri), run_id, IN_PROCESS[method][-1])
     register_and_assert_loads(in_process_runs, method, tiny_document(method, IN_PROCESS)["name"])
+
+
+def test_the_drivers_linear_probe_scores_the_sparse_coding_encoder(
+    in_process_runs: Runs,
+) -> None:
+    tracking_uri, run_id, checkpoint = in_process_runs["sparse_coding"]
+    spec = parse_spec(tiny_document("sparse_coding", IN_PROCESS))
+    encoder = load_encoder(checkpoint / ENCODER_DIR)
+    client = MlflowClient(tracking_uri)
+    evaluation = driver._evaluate(spec, encoder, None, client, run_id)
+    assert evaluation is not None
+    assert 0.1 < evaluation.metrics["eval.linear.top1"] <= 1
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval.linear.top1"] == evaluation.metrics["eval.linear.top1"]
