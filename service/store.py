@@ -1,7 +1,8 @@
 """The persistent job store: jobs, an append-only log of their state transitions, API tokens
 and the controller's own flags.
 
-SQLAlchemy, so the same code runs on the embedded SQLite file and on PostgreSQL. Every state
+SQLAlchemy, so the same code runs on the embedded SQLite file and on PostgreSQL; Alembic
+revisions (service/migrations) make and upgrade its tables. Every state
 change is a compare-and-set (UPDATE ... WHERE state = current), so two controllers, or the
 controller loop racing a user's cancel, cannot both move one job.
 """
@@ -31,6 +32,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from service import migrations
 
 
 class JobState(enum.StrEnum):
@@ -91,7 +94,7 @@ class Job(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -147,7 +150,9 @@ class JobStore:
         self.engine = create_engine(url, pool_size=10, max_overflow=30)
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
-        Base.metadata.create_all(self.engine)
+        # The schema is versioned (service/migrations): a store of any earlier release is
+        # upgraded in place, its jobs kept.
+        migrations.upgrade(self.engine)
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)

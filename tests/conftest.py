@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 
 from service.client import ApiClient
 from service.stack import _answers, _free_port
+from tests.postgres import postgres_bin, postgres_server
 from tests.s3 import S3Endpoint, s3_server
 from tests.user_images import fill_bucket
 
@@ -273,3 +275,32 @@ def digits_job(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "table": submitted.stdout,  # `--wait` ends with `selfsup job status ID`
         "versions": json.loads(listed),
     }
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A private PostgreSQL server (Debian's binaries) on loopback, for the whole session."""
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed here (Debian package: postgresql)")
+    with postgres_server() as url:
+        yield url
+
+
+def new_postgres_database(server_url: str) -> str:
+    """A fresh, empty database on the server; its URL."""
+    from sqlalchemy import create_engine, text
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database for a job store on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return new_postgres_database(request.getfixturevalue("postgres_url"))

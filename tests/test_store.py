@@ -3,39 +3,13 @@ the append-only transition log."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from service.auth import ADMIN, AuthError, authenticate, create_token
 from service.store import Job, JobState, JobStore, utcnow
-from tests.postgres import postgres_bin, postgres_server
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed here (Debian package: postgresql)")
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty database on each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.db'}"
-    server = request.getfixturevalue("postgres_url")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(server, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return server.rsplit("/", 1)[0] + f"/{name}"
 
 
 def new_job(job_id: str) -> Job:
@@ -58,8 +32,8 @@ def new_job(job_id: str) -> Job:
     )
 
 
-def test_transition_is_compare_and_set_and_logged(url: str) -> None:
-    store = JobStore(url)
+def test_transition_is_compare_and_set_and_logged(store_url: str) -> None:
+    store = JobStore(store_url)
     store.add(new_job("job-1"), actor="alice", reason="submitted")
 
     assert not store.transition("job-1", [JobState.RUNNING], JobState.SUCCEEDED, "ctl")
@@ -72,32 +46,32 @@ def test_transition_is_compare_and_set_and_logged(url: str) -> None:
     assert log == [(None, "QUEUED", "alice", "submitted"), ("QUEUED", "RUNNING", "ctl", "admitted")]
 
 
-def test_only_one_of_many_racing_writers_moves_a_job(url: str) -> None:
-    JobStore(url).add(new_job("job-1"), actor="alice", reason="submitted")
+def test_only_one_of_many_racing_writers_moves_a_job(store_url: str) -> None:
+    JobStore(store_url).add(new_job("job-1"), actor="alice", reason="submitted")
 
     def attempt(worker: int) -> bool:
         # A store per thread: separate connections, as separate CLI processes would have.
-        return JobStore(url).transition(
+        return JobStore(store_url).transition(
             "job-1", [JobState.QUEUED], JobState.RUNNING, f"w{worker}", "race"
         )
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         outcomes = list(pool.map(attempt, range(16)))
     assert outcomes.count(True) == 1
-    moves = [t for t in JobStore(url).transitions("job-1") if t.to_state == "RUNNING"]
+    moves = [t for t in JobStore(store_url).transitions("job-1") if t.to_state == "RUNNING"]
     assert len(moves) == 1
 
 
-def test_state_survives_a_new_store_on_the_same_database(url: str) -> None:
-    JobStore(url).add(new_job("job-1"), actor="alice", reason="submitted")
-    JobStore(url).transition("job-1", [JobState.QUEUED], JobState.CANCELLED, "alice", "no")
-    reopened = JobStore(url)
+def test_state_survives_a_new_store_on_the_same_database(store_url: str) -> None:
+    JobStore(store_url).add(new_job("job-1"), actor="alice", reason="submitted")
+    JobStore(store_url).transition("job-1", [JobState.QUEUED], JobState.CANCELLED, "alice", "no")
+    reopened = JobStore(store_url)
     assert [job.id for job in reopened.list([JobState.CANCELLED])] == ["job-1"]
     assert reopened.list([JobState.QUEUED]) == []
 
 
-def test_an_idempotency_key_names_one_job_per_owner(url: str) -> None:
-    store = JobStore(url)
+def test_an_idempotency_key_names_one_job_per_owner(store_url: str) -> None:
+    store = JobStore(store_url)
 
     def keyed(job_id: str, owner: str, key: str) -> Job:
         job = new_job(job_id)
@@ -112,12 +86,12 @@ def test_an_idempotency_key_names_one_job_per_owner(url: str) -> None:
     assert store.count() == 2
 
 
-def test_tokens_are_stored_as_hashes_and_map_to_users(url: str) -> None:
-    store = JobStore(url)
+def test_tokens_are_stored_as_hashes_and_map_to_users(store_url: str) -> None:
+    store = JobStore(store_url)
     token = create_token(store, "alice", ADMIN)
     principal = authenticate(store, f"Bearer {token}")
     assert (principal.user, principal.is_admin) == ("alice", True)
-    with create_engine(url).connect() as connection:
+    with create_engine(store_url).connect() as connection:
         stored = connection.execute(text("SELECT digest FROM api_tokens")).scalars().all()
     assert token not in stored and len(stored) == 1
     for header in (None, "", token, "Basic abc", f"Bearer {token}x"):
