@@ -2,11 +2,14 @@
 scheduler's decision time with a deep queue. Each figure has a reference measured beside it
 in the same run, because this machine is shared and noisy.
 
-API: a real `selfsup server` process (SQLite job store and MLflow on SQLite, as `selfsup up`
-runs it) with the queue paused, so only the submit path is measured. N submissions, each
-with its own idempotency key, from C concurrent clients; references: GET /healthz from the
-same clients (the HTTP round trip alone), and the MLflow run each submit creates, made
-directly and sequentially (the store work alone).
+API: a real `selfsup server` process with the queue paused, so only the submit path is
+measured, on each backend asked for: `sqlite` (job store and MLflow on SQLite files, as
+`selfsup up` runs it) and `postgresql` (both on a private PostgreSQL server on loopback,
+service/postgres.py). N submissions, each with its own idempotency key, from C concurrent
+clients. A submit stores the job and answers; the controller's loop makes each job's MLflow
+run after it, so the figures also say how long until every job had its run. References in
+the same run: GET /healthz from the same clients (the HTTP round trip alone), and one MLflow
+run made directly, one after another (the tracking work the loop does per job).
 
 Scheduler: Q queued jobs of random owners, priorities and ages in a SQLite store; one
 decision = read the queue and the running jobs from the store (the columns admission needs,
@@ -15,11 +18,13 @@ of the same jobs by (priority, age).
 
     .venv/bin/python -m benchmarks.bench_controller                    # 1000 x 20, 10000 queued
     .venv/bin/python -m benchmarks.bench_controller --submissions 200 --queued 1000
+    .venv/bin/python -m benchmarks.bench_controller --backends sqlite  # no PostgreSQL here
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -29,14 +34,18 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+
+from sqlalchemy import create_engine, text
 
 from pipelines.spec import load_spec_text
 from service.auth import ADMIN, create_token
 from service.client import ApiClient
 from service.controller import PAUSED_FLAG, gang_resources
+from service.postgres import postgres_server
 from service.scheduler import Policy, Resources, plan
 from service.settings import ServerSettings
 from service.stack import _free_port
@@ -54,11 +63,30 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen, ApiClient, ServerSettings]:
+@contextlib.contextmanager
+def backend_urls(backend: str, folder: Path) -> Iterator[tuple[str, str]]:
+    """(job store URL, MLflow tracking URI) on ``backend``, for as long as the context."""
+    if backend == "sqlite":
+        yield f"sqlite:///{folder / 'jobs.db'}", f"sqlite:///{folder / 'mlflow.db'}"
+        return
+    with postgres_server() as server:
+        urls = []
+        for name in ("jobs", "mlflow"):
+            engine = create_engine(server, isolation_level="AUTOCOMMIT")
+            with engine.connect() as connection:
+                connection.execute(text(f"CREATE DATABASE {name}"))
+            engine.dispose()
+            urls.append(server.rsplit("/", 1)[0] + f"/{name}")
+        yield urls[0], urls[1]
+
+
+def start_server(
+    folder: Path, store_url: str, tracking_uri: str
+) -> tuple[subprocess.Popen, ApiClient, ServerSettings]:
     settings = ServerSettings(
         port=_free_port(),
-        store_url=f"sqlite:///{folder / 'jobs.db'}",
-        tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+        store_url=store_url,
+        tracking_uri=tracking_uri,
         artifact_root=str(folder / "artifacts"),
         ray_dashboard_url="http://127.0.0.1:9",  # never called: the queue stays paused
         storage_path=str(folder / "runs"),
@@ -99,12 +127,25 @@ def timed_calls(count: int, clients: int, call: callable) -> tuple[list[float], 
     return latencies, time.perf_counter() - started
 
 
-def bench_api(submissions: int, clients: int) -> dict:
+def seconds_until_every_job_has_a_run(store: JobStore, started: float, timeout: float) -> float:
+    while store.without_run(JobState.QUEUED, limit=1):
+        if time.perf_counter() - started > timeout:
+            raise SystemExit(f"jobs still without an MLflow run after {timeout:.0f} s")
+        time.sleep(0.05)
+    return time.perf_counter() - started
+
+
+def bench_api(backend: str, submissions: int, clients: int) -> dict:
     spec_text = SPEC.read_text()
-    with tempfile.TemporaryDirectory(prefix="bench-api-") as scratch:
-        server, api, settings = start_server(Path(scratch))
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-api-") as scratch,
+        backend_urls(backend, Path(scratch)) as (store_url, tracking_uri),
+    ):
+        server, api, settings = start_server(Path(scratch), store_url, tracking_uri)
+        store = JobStore(settings.store_url)
         try:
             body = {"spec": spec_text}
+            started = time.perf_counter()
             submit_latencies, submit_wall = timed_calls(
                 submissions,
                 clients,
@@ -112,14 +153,18 @@ def bench_api(submissions: int, clients: int) -> dict:
                     "POST", "/v1/jobs", body, headers={"Idempotency-Key": uuid.uuid4().hex}
                 ),
             )
+            every_run = seconds_until_every_job_has_a_run(store, started, timeout=600)
             health_latencies, health_wall = timed_calls(
                 submissions, clients, lambda: api.request("GET", "/healthz")
             )
-            stored = JobStore(settings.store_url).count()
+            stored = store.count()
         finally:
             server.terminate()
             server.wait(timeout=30)
-        tracking = Tracking(f"sqlite:///{Path(scratch) / 'mlflow-direct.db'}")
+        # The reference: the same run, made directly on the same backend (a fresh SQLite
+        # file; the same PostgreSQL database, the server stopped).
+        fresh = f"sqlite:///{Path(scratch) / 'mlflow-direct.db'}"
+        tracking = Tracking(fresh if backend == "sqlite" else tracking_uri)
         spec = load_spec_text(spec_text)
         direct = []
         for _ in range(min(submissions, 200)):
@@ -128,9 +173,11 @@ def bench_api(submissions: int, clients: int) -> dict:
             direct.append(time.perf_counter() - started)
     assert stored == submissions, (stored, submissions)
     return {
+        "backend": backend,
         "submissions": submissions,
         "clients": clients,
         "submit": percentiles(submit_latencies) | {"per_s": submissions / submit_wall},
+        "every_job_has_its_run_s": every_run,
         "healthz": percentiles(health_latencies) | {"per_s": submissions / health_wall},
         "mlflow_run_direct": percentiles(direct),
     }
@@ -194,17 +241,26 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--queued", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    api = bench_api(args.submissions, args.clients)
-    scheduler = bench_scheduler(args.queued, args.repeats)
-    print(json.dumps({"api": api, "scheduler": scheduler}, indent=2))
-    submit, health = api["submit"], api["healthz"]
-    print(
-        f"\nsubmit: p50 {submit['p50_ms']:.0f} ms, p99 {submit['p99_ms']:.0f} ms, "
-        f"{submit['per_s']:.1f}/s ({args.submissions} from {args.clients} clients); "
-        f"healthz p50 {health['p50_ms']:.1f} ms; one MLflow run made directly: "
-        f"p50 {api['mlflow_run_direct']['p50_ms']:.1f} ms"
+    parser.add_argument(
+        "--backends", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql"
     )
+    args = parser.parse_args()
+    apis = [
+        bench_api(backend, args.submissions, args.clients) for backend in args.backends.split(",")
+    ]
+    scheduler = bench_scheduler(args.queued, args.repeats)
+    print(json.dumps({"api": apis, "scheduler": scheduler}, indent=2))
+    print()
+    for api in apis:
+        submit, health = api["submit"], api["healthz"]
+        print(
+            f"{api['backend']}: submit p50 {submit['p50_ms']:.1f} ms, p99 "
+            f"{submit['p99_ms']:.1f} ms, {submit['per_s']:.0f}/s ({args.submissions} from "
+            f"{args.clients} clients); every job had its MLflow run "
+            f"{api['every_job_has_its_run_s']:.1f} s after the first submit; healthz p50 "
+            f"{health['p50_ms']:.1f} ms, p99 {health['p99_ms']:.1f} ms, {health['per_s']:.0f}/s; "
+            f"one MLflow run made directly: p50 {api['mlflow_run_direct']['p50_ms']:.1f} ms"
+        )
     print(
         f"scheduler, {args.queued} queued: {scheduler['decision_with_store_ms']:.0f} ms per "
         f"decision with the store reads, plan alone {scheduler['plan_only_ms']:.1f} ms, "

@@ -193,8 +193,16 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         _print_document(job, args.output)
         return EXIT_OK
     print(f"submitted {job['id']} ({job['name']}): {job['state']}")
-    print(f"  MLflow run: {job['run_url'] or job['mlflow_run_id']}")
-    return _wait(api, job["id"], args.output) if args.wait else EXIT_OK
+    if args.wait:
+        return _wait(api, job["id"], args.output)
+    # The controller's loop makes the run within a turn of the submit.
+    later = f"see `selfsup job status {job['id']}` in a moment"
+    print(f"  MLflow run: {_run_link(job) or later}")
+    return EXIT_OK
+
+
+def _run_link(job: dict[str, Any]) -> str | None:
+    return job.get("run_url") or job.get("mlflow_run_id")
 
 
 def _indent(text: str) -> str:
@@ -234,9 +242,12 @@ def _poll(api: ApiClient, path: str, query: dict[str, Any] | None = None) -> Any
 def _wait(api: ApiClient, job_id: str, output: str) -> int:
     """Follow a job to its end with a live progress line; exit 0 if it succeeded, else 1."""
     live = sys.stdout.isatty()
-    last = ""
+    last, run_shown = "", False
     while True:
         job = _poll(api, f"/v1/jobs/{job_id}")
+        if not run_shown and (run := _run_link(job)):
+            print(("\r\033[K" if live else "") + f"  MLflow run: {run}", flush=True)
+            run_shown, last = True, ""
         line = _progress_line(job)
         if line != last:
             # On a terminal the bar redraws in place; in a log each change is its own line.

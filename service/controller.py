@@ -10,7 +10,6 @@ killed and started again reconciles every unfinished job with Ray's view of it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -21,7 +20,7 @@ from mlflow.entities import RunStatus
 
 from pipelines import tags
 from pipelines.sources import source_problems
-from pipelines.spec import JobSpec, SpecError, load_spec_text
+from pipelines.spec import JobSpec, SpecError, load_spec_text, parse_spec
 from service.auth import Principal
 from service.ray_jobs import RayJobPhase, RayJobs, submission_id
 from service.scheduler import Plan, Policy, Resources, plan
@@ -32,7 +31,10 @@ from service.tracking import Progress, Tracking
 CONTROLLER = "controller"
 PAUSED_FLAG = "queue.paused"
 CAPACITY_REFRESH_S = 30.0
-KEY_LOCK_STRIPES = 64
+RUNS_PER_TURN_S = 0.5  # at most this long making new jobs' MLflow runs in one turn
+# ... and only once no submit came for this long: the runs are Python-heavy work that would
+# share the interpreter with a burst of submits and slow every answer down.
+SUBMITS_QUIET_S = 0.2
 
 
 def ray_id(job: Job) -> str:
@@ -79,9 +81,7 @@ class Controller:
         self.tracking = Tracking(settings.tracking_uri, settings.artifact_root)
         self.ray = RayJobs(settings.ray_dashboard_url)
         self._lock = threading.RLock()  # pairs a state change with its Ray call
-        # One MLflow run per idempotency key: submissions with the same key take turns, so a
-        # repeat finds the first one's job instead of making a run it then has to delete.
-        self._key_locks = [threading.Lock() for _ in range(KEY_LOCK_STRIPES)]
+        self._last_submit = 0.0  # time.monotonic() of the latest submit
         self._capacity: tuple[float, Resources] | None = None
         self._waiting: dict[str, str] = {}  # job id -> why it waits, from the latest plan
 
@@ -114,8 +114,8 @@ class Controller:
     def submit(
         self, principal: Principal, spec_text: str, key: str | None = None
     ) -> tuple[Job, bool]:
-        """Validate, then queue; (job, True) if new, (the key's earlier job, False) if the
-        key was seen. A SpecError leaves nothing behind."""
+        """Validate, then store the job QUEUED; (job, True) if new, (the key's earlier job,
+        False) if the key was seen. A SpecError leaves nothing behind."""
         spec = load_spec_text(spec_text)
         if problems := data_problems(spec):
             raise SpecError(problems)
@@ -131,36 +131,32 @@ class Controller:
                     )
                 ]
             )
-        stripe = hash((principal.user, key)) % KEY_LOCK_STRIPES
-        with self._key_locks[stripe] if key is not None else contextlib.nullcontext():
-            if key is not None and (earlier := self._by_key(principal, key, spec_text)):
-                return earlier, False
-            job_id = f"job-{uuid.uuid4().hex[:12]}"
-            run_id = self.tracking.create_job_run(job_id, spec)
-            now = utcnow()
-            job = Job(
-                id=job_id,
-                name=spec.name,
-                owner=principal.user,
-                idempotency_key=key,
-                state=str(JobState.QUEUED),
-                priority=spec.priority,
-                spec_yaml=spec_text,
-                spec=spec.model_dump(mode="json"),
-                config_hash=spec.config_hash(),
-                workers=spec.resources.workers,
-                cpus=cpus,
-                gpus=gpus,
-                max_retries=spec.max_retries,
-                mlflow_run_id=run_id,
-                created_at=now,
-                updated_at=now,
-            )
-            added = self.store.add(job, actor=principal.user, reason="submitted")
-            if added is None:  # another server process stored the same key first
-                self.tracking.delete_run(run_id)
-                return self._by_key(principal, key or "", spec_text), False
-            return added, True
+        self._last_submit = time.monotonic()
+        now = utcnow()
+        job = Job(
+            id=f"job-{uuid.uuid4().hex[:12]}",
+            name=spec.name,
+            owner=principal.user,
+            idempotency_key=key,
+            state=str(JobState.QUEUED),
+            priority=spec.priority,
+            spec_yaml=spec_text,
+            spec=spec.model_dump(mode="json"),
+            config_hash=spec.config_hash(),
+            workers=spec.resources.workers,
+            cpus=cpus,
+            gpus=gpus,
+            max_retries=spec.max_retries,
+            created_at=now,
+            updated_at=now,
+        )
+        # The job's MLflow run is made by the loop (``_open_runs``), not here: a submit
+        # answers as soon as the job is stored, never waiting on the tracking store's lock.
+        # Insert first, look up on a clash: a repeated key costs the lookup, a new job not.
+        added = self.store.add(job, actor=principal.user, reason="submitted")
+        if added is None:  # the key names a job stored before (by this or another request)
+            return self._by_key(principal, key or "", spec_text), False
+        return added, True
 
     def _by_key(self, principal: Principal, key: str, spec_text: str) -> Job | None:
         job = self.store.by_key(principal.user, key)
@@ -260,7 +256,9 @@ class Controller:
     # ---- the loop's one turn ----------------------------------------------------------------
 
     def tick(self) -> None:
-        """Reconcile active jobs with Ray, requeue retries whose backoff is over, admit."""
+        """Make new jobs' MLflow runs, reconcile active jobs with Ray, requeue retries whose
+        backoff is over, admit."""
+        self._open_runs()
         with self._lock:
             now = utcnow()
             for job in self.store.list(ACTIVE_STATES):
@@ -290,7 +288,34 @@ class Controller:
             utcnow(),
         )
 
+    def _open_runs(self) -> None:
+        """MLflow runs for queued jobs that have none yet, oldest first, while submits are
+        quiet and for at most ``RUNS_PER_TURN_S`` (a burst of submissions must not hold up the
+        rest of the turn); admission makes the run of a job it admits before this did."""
+        deadline = time.monotonic() + RUNS_PER_TURN_S
+        for job in self.store.without_run(JobState.QUEUED, limit=100):
+            now = time.monotonic()
+            if now > deadline or now - self._last_submit < SUBMITS_QUIET_S:
+                return
+            self._open_run(job)
+
+    def _open_run(self, job: Job) -> str | None:
+        """The job's MLflow run, made now if it has none; None if the job ended meanwhile."""
+        if job.mlflow_run_id:
+            return job.mlflow_run_id
+        run_id = self.tracking.create_job_run(job.id, parse_spec(job.spec))
+        if not self.store.set_run(job.id, run_id):  # another controller made it first
+            self.tracking.delete_run(run_id)
+        stored = self.store.get(job.id)
+        if stored is None or JobState(stored.state).is_final:
+            if stored is not None and stored.mlflow_run_id:
+                self.tracking.mark_run(stored.mlflow_run_id, RunStatus.KILLED)
+            return None
+        return stored.mlflow_run_id
+
     def _start(self, job: Job) -> None:
+        if self._open_run(job) is None:
+            return
         now = utcnow()
         moved = self.store.transition(
             job.id,
@@ -305,10 +330,9 @@ class Controller:
         )
         if not moved:
             return
-        if job.mlflow_run_id:
-            self.tracking.reopen_run(job.mlflow_run_id)
-        admitted = self.store.get(job.id)  # with the attempt's number, which names its Ray job
+        admitted = self.store.get(job.id)  # with its run and the attempt's number
         if admitted is not None:
+            self.tracking.reopen_run(admitted.mlflow_run_id)
             self._hand_over(admitted)
 
     def _hand_over(self, job: Job) -> None:

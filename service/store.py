@@ -9,8 +9,10 @@ controller loop racing a user's cancel, cannot both move one job.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -148,8 +150,10 @@ def _sqlite_pragmas(engine: Engine) -> None:
 class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url, pool_size=10, max_overflow=30)
+        self._writer: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
+            self._writer = threading.Lock()
         # The schema is versioned (service/migrations): a store of any earlier release is
         # upgraded in place, its jobs kept.
         migrations.upgrade(self.engine)
@@ -157,12 +161,20 @@ class JobStore:
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """A session in a transaction that commits on leaving. On SQLite, one writer at a time
+        in this process: writers that met SQLite's lock would wait in its busy handler, which
+        sleeps in steps of up to 100 ms, and 20 concurrent submits took seconds at p99."""
+        with self._writer, self._session() as session, session.begin():
+            yield session
+
     # ---- jobs -------------------------------------------------------------------------------
 
     def add(self, job: Job, actor: str, reason: str) -> Job | None:
         """Insert a job and its first transition; None if its (owner, idempotency key) exists."""
         try:
-            with self._session() as session, session.begin():
+            with self._writing() as session:
                 session.add(job)
                 session.flush()
                 session.add(
@@ -208,6 +220,28 @@ class JobStore:
         with self._session() as session:
             return list(session.execute(query))
 
+    def without_run(self, state: JobState, limit: int) -> list[Job]:
+        """The oldest ``limit`` jobs in ``state`` that have no MLflow run yet."""
+        query = (
+            select(Job)
+            .where(Job.state == str(state), Job.mlflow_run_id.is_(None))
+            .order_by(Job.created_at)
+            .limit(limit)
+        )
+        with self._session() as session:
+            return list(session.scalars(query))
+
+    def set_run(self, job_id: str, run_id: str) -> bool:
+        """Record the job's MLflow run unless it has one already; True if recorded."""
+        with self._writing() as session:
+            return bool(
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.mlflow_run_id.is_(None))
+                    .values(mlflow_run_id=run_id)
+                ).rowcount
+            )
+
     def count(self) -> int:
         with self._session() as session:
             return session.scalar(select(func.count()).select_from(Job)) or 0
@@ -224,7 +258,7 @@ class JobStore:
         """Move a job to ``to_state`` only if it is in one of ``from_states``; True if moved."""
         now = utcnow()
         allowed = [str(state) for state in from_states]
-        with Session(self.engine) as session, session.begin():
+        with self._writing() as session:
             current = session.scalar(select(Job.state).where(Job.id == job_id))
             if current is None or current not in allowed:
                 return False
@@ -248,7 +282,7 @@ class JobStore:
         return True
 
     def update(self, job_id: str, **fields: Any) -> None:
-        with Session(self.engine) as session, session.begin():
+        with self._writing() as session:
             session.execute(
                 update(Job).where(Job.id == job_id).values(updated_at=utcnow(), **fields)
             )
@@ -261,7 +295,7 @@ class JobStore:
     # ---- tokens and flags -------------------------------------------------------------------
 
     def add_token(self, digest: str, user: str, role: str) -> None:
-        with self._session() as session, session.begin():
+        with self._writing() as session:
             session.add(ApiToken(digest=digest, user=user, role=role, created_at=utcnow()))
 
     def token(self, digest: str) -> ApiToken | None:
@@ -269,7 +303,7 @@ class JobStore:
             return session.get(ApiToken, digest)
 
     def revoke_tokens(self, user: str) -> int:
-        with self._session() as session, session.begin():
+        with self._writing() as session:
             tokens = list(session.scalars(select(ApiToken).where(ApiToken.user == user)))
             for token in tokens:
                 session.delete(token)
@@ -281,5 +315,5 @@ class JobStore:
             return row.value if row else None
 
     def set_flag(self, name: str, value: str) -> None:
-        with self._session() as session, session.begin():
+        with self._writing() as session:
             session.merge(Flag(name=name, value=value))

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from service.client import ApiClient
+from service.postgres import postgres_bin, postgres_server
 from service.stack import _answers, _free_port
-from tests.postgres import postgres_bin, postgres_server
 from tests.s3 import S3Endpoint, s3_server
 from tests.user_images import fill_bucket
 
@@ -197,6 +197,14 @@ class Stack:
         finally:
             server.terminate()
             server.wait(timeout=60)
+
+    def wait_for_run(self, job_id: str, timeout: float = 60) -> dict:
+        """The job once the controller's loop has made its MLflow run."""
+        deadline = time.monotonic() + timeout
+        while not (job := self.admin.request("GET", f"/v1/jobs/{job_id}"))["mlflow_run_id"]:
+            assert time.monotonic() < deadline, f"{job_id} has no MLflow run: {job}"
+            time.sleep(0.2)
+        return job
 
     def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout

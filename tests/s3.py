@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.postgres import _free_port
+from service.postgres import _free_port
 
 # moto lets this many requests through before it checks signatures: the three that make the
 # test user, its policy and its key.

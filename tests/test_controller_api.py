@@ -53,6 +53,11 @@ def test_tokens_and_ownership(stack: Stack) -> None:
         job_id = job["id"]
         assert job["owner"] == "alice" and job["state"] == "QUEUED"
         assert "paused" in job["waiting"]
+        # Answered before its MLflow run exists: the loop makes it within a turn or so, and
+        # the job's status links it from then on, paused queue or not.
+        assert job["mlflow_run_id"] is None and job["run_url"] is None
+        job = stack.wait_for_run(job_id)
+        assert job["mlflow_run_id"] in job["run_url"]
         count = len(admin.request("GET", "/v1/jobs", query={"all": "true"}))
 
         # No token, a wrong token: 401 on every route, and a POST makes no job.
@@ -115,6 +120,8 @@ def test_concurrent_submissions_with_idempotency_keys(stack: Stack) -> None:
         assert len(jobs) == 100
         assert {job["id"] for job in jobs} == {id_ for ids in ids_by_key.values() for id_ in ids}
         # One MLflow run per job: a repeated key made no second run.
+        for job in jobs:
+            stack.wait_for_run(job["id"])
         client = MlflowClient(stack.tracking_uri)
         experiment = client.get_experiment_by_name("selfsup").experiment_id
         runs = client.search_runs([experiment], "tags.`selfsup.spec_name` = 'carol-job'")

@@ -18,10 +18,10 @@ from sqlalchemy import create_engine, text
 from service import migrations
 from service.auth import authenticate
 from service.controller import PAUSED_FLAG
+from service.postgres import postgres_bin
 from service.store import Base, JobState, JobStore
 from tests.conftest import new_postgres_database
 from tests.fixtures.make_store_0_1_0 import JOBS, TOKENS
-from tests.postgres import postgres_bin
 from tests.test_store import new_job
 
 FIXTURES = Path(__file__).parent / "fixtures"

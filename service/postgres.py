@@ -1,5 +1,6 @@
-"""A private PostgreSQL server for tests: Debian's binaries, a fresh cluster in a temporary
-folder, listening on a free loopback port, stopped by the fixture that started it."""
+"""A private PostgreSQL server: Debian's binaries, a fresh cluster in a temporary folder,
+listening on a free loopback port, stopped when the context that started it ends. The tests
+and benchmarks run the job store's production backend on it."""
 
 from __future__ import annotations
 
