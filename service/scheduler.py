@@ -57,15 +57,20 @@ class Plan:
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits
 
 
-def effective_priority(job: Schedulable, now: datetime, policy: Policy) -> float:
-    waited_minutes = max(0.0, (now - aware(job.created_at)).total_seconds() / 60)
-    return job.priority + policy.aging_per_minute * waited_minutes
-
-
 def queue_order(queued: list[Schedulable], now: datetime, policy: Policy) -> list[Schedulable]:
-    return sorted(
-        queued, key=lambda job: (-effective_priority(job, now, policy), aware(job.created_at))
-    )
+    """Highest effective priority first, then the longest waiting."""
+    # SQLite hands back naive UTC times: subtracting from a naive "now" spares a
+    # datetime.replace per job, which was most of a decision's time with 10,000 queued.
+    now = aware(now)
+    naive_now = now.replace(tzinfo=None)
+    aging = policy.aging_per_minute
+
+    def order(job: Schedulable) -> tuple[float, float]:
+        created = job.created_at
+        waited_s = ((naive_now if created.tzinfo is None else now) - created).total_seconds()
+        return -(job.priority + aging * max(0.0, waited_s / 60)), -waited_s
+
+    return sorted(queued, key=order)
 
 
 def plan(
