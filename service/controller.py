@@ -293,9 +293,15 @@ class Controller:
         quiet and for at most ``RUNS_PER_TURN_S`` (a burst of submissions must not hold up the
         rest of the turn); admission makes the run of a job it admits before this did."""
         deadline = time.monotonic() + RUNS_PER_TURN_S
-        for job in self.store.without_run(JobState.QUEUED, limit=100):
+
+        def may_go_on() -> bool:
             now = time.monotonic()
-            if now > deadline or now - self._last_submit < SUBMITS_QUIET_S:
+            return now <= deadline and now - self._last_submit >= SUBMITS_QUIET_S
+
+        if not may_go_on():  # not even the query while submits come in
+            return
+        for job in self.store.without_run(JobState.QUEUED, limit=100):
+            if not may_go_on():
                 return
             self._open_run(job)
 
