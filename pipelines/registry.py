@@ -46,7 +46,7 @@ def _git(root: Path, *args: str) -> str:
 
 def code_version() -> str:
     """The package version, plus the git commit of its source tree when it has one
-    (``0.1.0+g1a2b3c4d5e6f``, ``.dirty`` when tracked files differ from that commit)."""
+    (``0.2.0+g1a2b3c4d5e6f``, ``.dirty`` when tracked files differ from that commit)."""
     version = importlib.metadata.version("selfsup")
     root = Path(__file__).resolve().parent.parent
     try:

@@ -6,6 +6,7 @@ errors for unknown or broken encoders, and unlabelled data."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -66,7 +67,8 @@ def test_the_job_evaluates_registers_and_tags_its_version(stack: Stack, digits_j
     assert version_tags["selfsup.method"] == "simclr"
     assert version_tags["selfsup.dataset"] == "builtin:digits"
     assert version_tags["selfsup.config_hash"] == digits_job["spec"].config_hash()
-    assert re.fullmatch(r"0\.1\.0(\+g[0-9a-f]{12}(\.dirty)?)?", version_tags[tags.CODE_VERSION])
+    release = re.escape(importlib.metadata.version("selfsup"))
+    assert re.fullmatch(release + r"(\+g[0-9a-f]{12}(\.dirty)?)?", version_tags[tags.CODE_VERSION])
     assert version_tags[tags.SPLIT_DIGEST] == run.data.tags[tags.SPLIT_DIGEST]
     for key in ("eval.linear.top1", "eval.knn.top1", "eval.semi.0.1.finetune.top1.mean"):
         assert float(version_tags[key]) == pytest.approx(metrics[key], abs=1e-6)
