@@ -39,13 +39,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
 from pipelines.spec import load_spec_text
 from service.auth import ADMIN, create_token
 from service.client import ApiClient
 from service.controller import PAUSED_FLAG, gang_resources
-from service.postgres import postgres_server
+from service.postgres import create_database, postgres_server
 from service.scheduler import Policy, Resources, plan
 from service.settings import ServerSettings
 from service.stack import _free_port
@@ -70,14 +68,7 @@ def backend_urls(backend: str, folder: Path) -> Iterator[tuple[str, str]]:
         yield f"sqlite:///{folder / 'jobs.db'}", f"sqlite:///{folder / 'mlflow.db'}"
         return
     with postgres_server() as server:
-        urls = []
-        for name in ("jobs", "mlflow"):
-            engine = create_engine(server, isolation_level="AUTOCOMMIT")
-            with engine.connect() as connection:
-                connection.execute(text(f"CREATE DATABASE {name}"))
-            engine.dispose()
-            urls.append(server.rsplit("/", 1)[0] + f"/{name}")
-        yield urls[0], urls[1]
+        yield create_database(server, "jobs"), create_database(server, "mlflow")
 
 
 def start_server(

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from service.client import ApiClient
-from service.postgres import postgres_bin, postgres_server
+from service.postgres import create_database, postgres_bin, postgres_server
 from service.stack import _answers, _free_port
 from tests.s3 import S3Endpoint, s3_server
 from tests.user_images import fill_bucket
@@ -296,14 +296,7 @@ def postgres_url() -> Iterator[str]:
 
 def new_postgres_database(server_url: str) -> str:
     """A fresh, empty database on the server; its URL."""
-    from sqlalchemy import create_engine, text
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return server_url.rsplit("/", 1)[0] + f"/{name}"
+    return create_database(server_url, f"t_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
