@@ -43,10 +43,10 @@ from pipelines.spec import load_spec_text
 from service.auth import ADMIN, create_token
 from service.client import ApiClient
 from service.controller import PAUSED_FLAG, gang_resources
+from service.ports import free_port
 from service.postgres import create_database, postgres_server
 from service.scheduler import Policy, Resources, plan
 from service.settings import ServerSettings
-from service.stack import _free_port
 from service.store import ACTIVE_STATES, Job, JobState, JobStore, utcnow
 from service.tracking import Tracking
 
@@ -75,7 +75,7 @@ def start_server(
     folder: Path, store_url: str, tracking_uri: str
 ) -> tuple[subprocess.Popen, ApiClient, ServerSettings]:
     settings = ServerSettings(
-        port=_free_port(),
+        port=free_port(),
         store_url=store_url,
         tracking_uri=tracking_uri,
         artifact_root=str(folder / "artifacts"),

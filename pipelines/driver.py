@@ -181,7 +181,15 @@ def run_job(job: dict) -> dict[str, float | str]:
     run_id, job_id = job["run_id"], job["job_id"]
 
     user_data = prepare_user_data(spec) if spec.data.is_user_data else None
-    checkpoint = pretrain(spec, job_id, run_id, job["tracking_uri"], job["storage_path"], user_data)
+    checkpoint = pretrain(
+        spec,
+        job_id,
+        run_id,
+        job["tracking_uri"],
+        job["storage_path"],
+        user_data,
+        worker_resource=job.get("worker_resource"),
+    )
     if user_data is not None:
         check_bad_samples(user_data)
     if checkpoint is None:

@@ -39,6 +39,7 @@ def pretrain(
     tracking_uri: str,
     storage_path: str,
     user_data: UserData | None = None,
+    worker_resource: str | None = None,
 ) -> Checkpoint | None:
     """The latest checkpoint. On a user's images the workers stop early, without one for
     that epoch, past the unreadable-image limit: the driver checks the count first."""
@@ -60,6 +61,8 @@ def pretrain(
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
+    if worker_resource:  # the deployment's training nodes offer it: the workers go there
+        per_worker[worker_resource] = resources.cpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

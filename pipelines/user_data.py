@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.sources import Catalog, ImageSource
 from pipelines.spec import JobSpec, check_listed
@@ -41,7 +42,10 @@ def prepare_user_data(spec: JobSpec) -> UserData:
     split = split_samples(
         len(catalog.keys), catalog_labels(catalog), data.test_fraction, data.split_seed
     )
-    bad = BadSamples.remote()
+    # On the driver's node: the count must outlive any worker node (losing the driver's node
+    # ends the job anyway), or decode tasks that report to it fail after a node loss.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    bad = BadSamples.options(scheduling_strategy=here).remote()
     stream = image_stream(
         catalog, split.train, data.side, data.depth, bad, spec.train.seed, spec.resources.data_cpus
     )

@@ -120,13 +120,29 @@ def cmd_up(args: argparse.Namespace) -> int:
     from service import stack
 
     paths = StatePaths.discover(args.home)
-    info = stack.up(paths, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    print(f"selfsup stack up in {paths.root}")
-    print(f"  Ray head:   {info.ray_address} ({info.num_cpus:g} CPUs, {info.num_gpus:g} GPUs)")
+    if args.production:
+        from service.production import up_production
+
+        info = up_production(paths, args.worker_nodes, args.cpus_per_node)
+    else:
+        info = stack.up(paths, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    kind = "production stack" if args.production else "stack"
+    nodes = f", {len(info.services) - 2} worker nodes" if args.production else ""
+    print(f"selfsup {kind} up in {paths.root}")
+    print(
+        f"  Ray:        {info.ray_address} ({info.num_cpus:g} CPUs, {info.num_gpus:g} GPUs{nodes})"
+    )
     print(f"  Ray dashboard / Jobs API: {info.dashboard_url}")
     print(f"  controller: {info.api_url}  (API docs: {info.api_url}/docs)")
     print(f"  your token: {paths.api_token_file} (admin)")
-    print(f"  MLflow:     {paths.tracking_uri}  (`selfsup ui` serves it)")
+    if args.production:
+        from service.settings import load_settings
+
+        settings = load_settings(paths.server_config, env={})
+        print(f"  MLflow:     {settings.tracking_uri}  (sign in: `selfsup token create USER`")
+        print("              makes USER's account; the token is the password)")
+    else:
+        print(f"  MLflow:     {paths.tracking_uri}  (`selfsup ui` serves it)")
     return EXIT_OK
 
 
@@ -144,19 +160,44 @@ def cmd_server(args: argparse.Namespace) -> int:
     return serve(args.config)
 
 
+def _stack_setting(paths: StatePaths, name: str, default: str) -> str:
+    """A setting of the state folder's controller (server.yaml, written by `selfsup up`)."""
+    if paths.server_config.is_file():
+        return (yaml.safe_load(paths.server_config.read_text()) or {}).get(name, default)
+    return default
+
+
 def _store_url(args: argparse.Namespace) -> str:
+    paths = StatePaths.discover(args.home)
     explicit = args.store_url or os.environ.get("SELFSUP_STORE_URL")
-    return explicit or StatePaths.discover(args.home).store_url
+    return explicit or _stack_setting(paths, "store_url", paths.store_url)
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from service.auth import ADMIN, USER, create_token
+    from service.auth import ADMIN, USER, check_user, create_token, new_token
+    from service.production import use_admin_credentials
     from service.store import JobStore
+    from service.tracking import Accounts, TrackingError
 
+    paths = StatePaths.discover(args.home)
+    role = ADMIN if args.admin else USER
     try:
-        token = create_token(JobStore(_store_url(args)), args.user, ADMIN if args.admin else USER)
+        check_user(args.user, role)
     except ValueError as error:
         raise CliError(str(error), EXIT_USAGE) from None
+    token = new_token()
+    # Where MLflow has accounts (the production stack, a deployment's controller container),
+    # the user's account is made first, the token its password; then the token is stored.
+    tracking_uri = os.environ.get("SELFSUP_TRACKING_URI") or _stack_setting(
+        paths, "tracking_uri", ""
+    )
+    use_admin_credentials(paths)
+    if Accounts.on(tracking_uri):
+        try:
+            Accounts(tracking_uri).set_password(args.user, token, admin=args.admin)
+        except TrackingError as error:
+            raise CliError(f"{error}; no token was made", EXIT_REFUSED) from None
+    create_token(JobStore(_store_url(args)), args.user, role, token)
     # The token itself is shown once; the store keeps only its hash.
     print(token)
     return EXIT_OK
@@ -351,7 +392,20 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or StatePaths.discover(args.home).tracking_uri
+    """MLFLOW_TRACKING_URI, else the state folder's MLflow. On a production stack's machine
+    the local user signs in with the token `selfsup up` made them unless
+    MLFLOW_TRACKING_USERNAME says who else."""
+    paths = StatePaths.discover(args.home)
+    chosen = os.environ.get("MLFLOW_TRACKING_URI")
+    if chosen:
+        return chosen
+    chosen = _stack_setting(paths, "tracking_uri", paths.tracking_uri)
+    if chosen.startswith("http") and paths.api_token_file.is_file():
+        import getpass
+
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", getpass.getuser())
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", paths.api_token_file.read_text().strip())
+    return chosen
 
 
 def cmd_encoder_list(args: argparse.Namespace) -> int:
@@ -531,6 +585,14 @@ def _parser() -> argparse.ArgumentParser:
     up = add(nouns, "up", cmd_up, "start the embedded stack: Ray head and controller")
     up.add_argument("--num-cpus", type=float, default=None)
     up.add_argument("--num-gpus", type=float, default=0)
+    up.add_argument(
+        "--production",
+        action="store_true",
+        help="the deployed shape on this machine: PostgreSQL, S3, MLflow server with auth, "
+        "a Ray head and worker nodes",
+    )
+    up.add_argument("--worker-nodes", type=int, default=3, help="with --production")
+    up.add_argument("--cpus-per-node", type=float, default=1, help="with --production")
     add(nouns, "down", cmd_down, "stop the embedded stack")
     ui = add(nouns, "ui", cmd_ui, "open the MLflow UI on this state folder's runs")
     ui.add_argument("--port", type=int, default=5000)

@@ -40,15 +40,25 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(store: JobStore, user: str, role: str = USER) -> str:
-    """A new token for ``user``; the store keeps its hash, the caller must keep the token."""
+def check_user(user: str, role: str = USER) -> None:
+    """ValueError unless ``user`` and ``role`` are valid for a token."""
     if not _USER_NAME.fullmatch(user):
         raise ValueError(
             f"invalid user name {user!r}: use letters, digits and . _ @ - (at most 128)"
         )
     if role not in ROLES:
         raise ValueError(f"invalid role {role!r}: one of {', '.join(ROLES)}")
-    token = "ssp_" + secrets.token_urlsafe(32)
+
+
+def new_token() -> str:
+    return "ssp_" + secrets.token_urlsafe(32)
+
+
+def create_token(store: JobStore, user: str, role: str = USER, token: str | None = None) -> str:
+    """A new token for ``user`` (``token`` if given); the store keeps its hash, the caller
+    must keep the token."""
+    check_user(user, role)
+    token = token or new_token()
     store.add_token(digest(token), user, role)
     return token
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HOME_ENV = "SELFSUP_HOME"
@@ -77,6 +77,17 @@ class StatePaths:
         """The embedded Ray cluster's authentication token (mode 0600)."""
         return self.root / "ray-auth-token"
 
+    @property
+    def production_secrets(self) -> Path:
+        """`selfsup up --production`: its S3 key and MLflow admin password (mode 0600)."""
+        return self.root / "production-secrets.json"
+
+    @property
+    def postgres_root(self) -> Path:
+        """`selfsup up --production`: its PostgreSQL cluster, under the temp dir (the
+        postgres user, which runs the server, must reach it; a state folder may be private)."""
+        return self.ray_temp_dir.with_name(self.ray_temp_dir.name.replace("-ray-", "-pg-"))
+
 
 @dataclass(frozen=True)
 class StackInfo:
@@ -89,6 +100,11 @@ class StackInfo:
     num_gpus: float
     api_url: str | None = None  # the controller server's address
     server_pid: int | None = None
+    # `up --production`: the other processes' groups by name, in the order they started
+    # (S3, MLflow, Ray worker nodes), the addresses of S3 and MLflow, PostgreSQL's port.
+    services: dict[str, int] = field(default_factory=dict)
+    endpoints: dict[str, str] = field(default_factory=dict)  # "s3", "mlflow": their URLs
+    postgres_port: int | None = None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__, indent=2) + "\n")

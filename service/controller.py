@@ -17,6 +17,7 @@ import uuid
 from datetime import datetime, timedelta
 
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 
 from pipelines import tags
 from pipelines.sources import source_problems
@@ -26,7 +27,7 @@ from service.ray_jobs import RayJobPhase, RayJobs, submission_id
 from service.scheduler import Plan, Policy, Resources, plan
 from service.settings import ServerSettings
 from service.store import ACTIVE_STATES, Job, JobState, JobStore, aware, utcnow
-from service.tracking import Progress, Tracking
+from service.tracking import Accounts, Progress, Tracking
 
 CONTROLLER = "controller"
 PAUSED_FLAG = "queue.paused"
@@ -79,6 +80,9 @@ class Controller:
         self.settings = settings
         self.store = JobStore(settings.store_url)
         self.tracking = Tracking(settings.tracking_uri, settings.artifact_root)
+        # With MLflow's auth on, the registry's write permissions follow the jobs' owners.
+        on = Accounts.on(settings.tracking_uri)
+        self.accounts = Accounts(settings.tracking_uri) if on else None
         self.ray = RayJobs(settings.ray_dashboard_url)
         self._lock = threading.RLock()  # pairs a state change with its Ray call
         self._last_submit = 0.0  # time.monotonic() of the latest submit
@@ -322,6 +326,18 @@ class Controller:
     def _start(self, job: Job) -> None:
         if self._open_run(job) is None:
             return
+        if (refusal := self._registry_refusal(job)) is not None:
+            if self.store.transition(
+                job.id,
+                [JobState.QUEUED],
+                JobState.FAILED,
+                CONTROLLER,
+                refusal,
+                finished_at=utcnow(),
+                message=refusal,
+            ):
+                self.tracking.mark_run(job.mlflow_run_id, RunStatus.FAILED)
+            return
         now = utcnow()
         moved = self.store.transition(
             job.id,
@@ -341,6 +357,32 @@ class Controller:
             self.tracking.reopen_run(admitted.mlflow_run_id)
             self._hand_over(admitted)
 
+    def _registry_refusal(self, job: Job) -> str | None:
+        """Why the job may not register its encoder where its spec says, if it may not: the
+        model is another user's. Its driver writes with the controller's MLflow account, so
+        the check is the controller's, before any training."""
+        registration = parse_spec(job.spec).registration
+        if self.accounts is None or registration is None:
+            return None
+        if self.accounts.may_write_model(job.owner, registration.model):
+            return None
+        return (
+            f"register.model: {registration.model!r} is registered by another user, and "
+            f"{job.owner} may not add versions to it (ask its owner or an admin for MLflow's "
+            "EDIT permission on it, or choose another name)"
+        )
+
+    def _grant(self, job: Job, result: dict) -> str:
+        """Let the owner write the model the job registered (before the job ends, so that a
+        controller dying in between grants on its next look); a note if that failed."""
+        if self.accounts is None or "model_name" not in result:
+            return ""
+        try:
+            self.accounts.grant_model(job.owner, result["model_name"])
+        except MlflowException as error:
+            return f" (but {job.owner} could not be given MLflow's write permission on it: {error})"
+        return ""
+
     def _hand_over(self, job: Job) -> None:
         payload = {
             "job_id": job.id,
@@ -348,6 +390,7 @@ class Controller:
             "run_id": job.mlflow_run_id,
             "tracking_uri": self.settings.tracking_uri,
             "storage_path": self.settings.storage_path,
+            "worker_resource": self.settings.worker_resource,
         }
         entrypoint = f"{self.settings.driver_python} -m pipelines.driver"
         try:
@@ -369,7 +412,8 @@ class Controller:
                 )
             self._watch(job, now)
         elif view.phase is RayJobPhase.SUCCEEDED:
-            self._end(job, JobState.SUCCEEDED, "finished", result=self._result(job))
+            result = self._result(job)
+            self._end(job, JobState.SUCCEEDED, "finished" + self._grant(job, result), result=result)
         elif view.phase is RayJobPhase.STOPPED:
             self._end(job, JobState.CANCELLED, "stopped in Ray, outside selfsup")
         elif view.phase is RayJobPhase.MISSING:

@@ -64,6 +64,9 @@ class ServerSettings(BaseModel):
     ray_token_file: str | None = None  # the Ray cluster's auth token, if it uses one
     # Ray Train's storage (a folder or s3://bucket/prefix): checkpoints at <storage_path>/<job id>
     storage_path: Annotated[str, AfterValidator(_storage_location)]
+    # A custom resource every Ray Train worker asks one unit of (per CPU it takes): only the
+    # nodes that offer it run training, e.g. worker nodes and not the head.
+    worker_resource: str | None = None
     driver_python: str = sys.executable  # the Python that runs a job's driver on the head
     cluster_cpus: Annotated[float, Field(ge=0)] | None = None  # default: ask Ray
     cluster_gpus: Annotated[float, Field(ge=0)] | None = None

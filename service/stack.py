@@ -14,8 +14,8 @@ import dataclasses
 import getpass
 import os
 import secrets
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +27,8 @@ import yaml
 
 from service.auth import ADMIN, create_token
 from service.config import StackInfo, StatePaths
+from service.ports import free_port
+from service.postgres import PrivateCluster
 from service.settings import ServerSettings
 from service.store import JobStore
 
@@ -38,25 +40,13 @@ class StackError(Exception):
     pass
 
 
-def _free_port(preferred: int = 0) -> int:
-    """``preferred`` if it is free on loopback, else any free port."""
-    with socket.socket() as probe:
-        # As uvicorn binds: connections of a killed server in TIME_WAIT do not block the port.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", preferred))
-        except OSError:
-            probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _controller_port(paths: StatePaths) -> int:
     """The port the controller had before, if free: clients following a job (`--wait`,
     `logs -f`) find a restarted controller at the address they know."""
     if paths.server_config.is_file():
         earlier = yaml.safe_load(paths.server_config.read_text()) or {}
-        return _free_port(int(earlier.get("port", 0)))
-    return _free_port()
+        return free_port(int(earlier.get("port", 0)))
+    return free_port()
 
 
 def _alive(pid: int) -> bool:
@@ -69,7 +59,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
     """True once ``url`` answers HTTP at all. With Ray's token authentication on, the
     dashboard answers 401 to this anonymous probe; Ray's own job client sends the token."""
     try:
@@ -87,7 +77,7 @@ def ray_auth_env(paths: StatePaths) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(paths.ray_token_file)}
 
 
-def _head_env(paths: StatePaths, dashboard_url: str | None = None) -> dict[str, str]:
+def head_env(paths: StatePaths, dashboard_url: str | None = None) -> dict[str, str]:
     """The environment of the stack's processes; the head's is inherited by every driver,
     actor and worker it starts: the stack's token settings, and no RAY_ADDRESS. A process
     that ran ray.init() (or a shell set up for another cluster) exports RAY_ADDRESS, and a
@@ -109,7 +99,7 @@ def _head_env(paths: StatePaths, dashboard_url: str | None = None) -> dict[str, 
     return {**env, **ray_auth_env(paths)}
 
 
-def _write_secret(path: Path, secret: str) -> None:
+def write_secret(path: Path, secret: str) -> None:
     """Create ``path`` readable by its owner only; never overwrite one that exists."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as handle:
@@ -120,13 +110,13 @@ def _ensure_token(paths: StatePaths) -> None:
     # Token authentication stays on, as Ray recommends: the head also listens on the
     # machine's network address, not only on loopback. One token per state folder.
     if not paths.ray_token_file.is_file():
-        _write_secret(paths.ray_token_file, secrets.token_hex(32))
+        write_secret(paths.ray_token_file, secrets.token_hex(32))
 
 
 def running_stack(paths: StatePaths) -> StackInfo | None:
     """The stack recorded in the state folder, if its Ray head is alive and answering."""
     stack = StackInfo.load(paths.stack_file)
-    if stack and _alive(stack.head_pid) and _answers(f"{stack.dashboard_url}/api/version"):
+    if stack and _alive(stack.head_pid) and answers(f"{stack.dashboard_url}/api/version"):
         return stack
     return None
 
@@ -136,7 +126,7 @@ def _controller_up(stack: StackInfo) -> bool:
         stack.server_pid
         and stack.api_url
         and _alive(stack.server_pid)
-        and _answers(f"{stack.api_url}/healthz")
+        and answers(f"{stack.api_url}/healthz")
     )
 
 
@@ -144,14 +134,19 @@ def _ensure_admin_token(paths: StatePaths, store_url: str) -> None:
     """The local user's controller token, an admin's: made once, kept in the state folder."""
     if paths.api_token_file.is_file():
         return
-    _write_secret(paths.api_token_file, create_token(JobStore(store_url), getpass.getuser(), ADMIN))
+    write_secret(paths.api_token_file, create_token(JobStore(store_url), getpass.getuser(), ADMIN))
 
 
 def up(paths: StatePaths, num_cpus: float | None = None, num_gpus: float = 0) -> StackInfo:
     """Start what is not running of the stack for ``paths``: the Ray head, the controller."""
-    stack = running_stack(paths) or _start_ray(paths, num_cpus, num_gpus)
-    if _controller_up(stack):
-        return stack
+    stack = running_stack(paths)
+    if stack is not None and stack.postgres_port is not None:
+        raise StackError(f"the stack in {paths.root} is a production one: `selfsup down` first")
+    for folder in (paths.root, paths.logs, paths.runs, paths.artifacts):
+        folder.mkdir(parents=True, exist_ok=True)
+    if stack is None:
+        cpus = num_cpus if num_cpus is not None else float(os.cpu_count() or 1)
+        stack = start_ray_head(paths, cpus, num_gpus)
     settings = ServerSettings(
         port=_controller_port(paths),
         store_url=paths.store_url,
@@ -162,52 +157,75 @@ def up(paths: StatePaths, num_cpus: float | None = None, num_gpus: float = 0) ->
         ray_token_file=str(paths.ray_token_file),
         storage_path=str(paths.runs),
     )
+    return start_controller(paths, stack, settings, head_env(paths))
+
+
+def start_controller(
+    paths: StatePaths, stack: StackInfo, settings: ServerSettings, env: dict[str, str]
+) -> StackInfo:
+    """The controller server beside ``stack``, unless it runs; its settings are saved to the
+    state folder's server.yaml and read from there, as a deployment's are."""
+    if _controller_up(stack):
+        return stack
+    settings = settings.model_copy(update={"port": _controller_port(paths)})
     settings.save(paths.server_config)
     _ensure_admin_token(paths, settings.store_url)
     api_url = f"http://127.0.0.1:{settings.port}"
-    server = _start_detached(
+    server = start_detached(
         [sys.executable, "-m", "service.server", "--config", str(paths.server_config)],
         paths,
         "controller",
         f"{api_url}/healthz",
-        _head_env(paths),
+        env,
     )
     stack = dataclasses.replace(stack, api_url=api_url, server_pid=server.pid)
     stack.save(paths.stack_file)
     return stack
 
 
-def _start_detached(
+def start_detached(
     command: list[str], paths: StatePaths, name: str, ready_url: str, env: dict[str, str]
 ) -> subprocess.Popen:
     """Start ``command`` in its own session (so it outlives this command and `down` can stop
     its whole group), logging to logs/<name>.log, and wait until ``ready_url`` answers."""
-    log_path = paths.logs / f"{name}.log"
-    process = subprocess.Popen(
+    return wait_ready(spawn_detached(command, paths, name, env), paths, name, ready_url)
+
+
+def spawn_detached(
+    command: list[str], paths: StatePaths, name: str, env: dict[str, str]
+) -> subprocess.Popen:
+    """``start_detached`` without the wait: for several processes starting side by side."""
+    return subprocess.Popen(
         command,
-        stdout=log_path.open("ab"),
+        stdout=(paths.logs / f"{name}.log").open("ab"),
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
         cwd=paths.root,
         env=env,
     )
+
+
+def wait_ready(
+    process: subprocess.Popen, paths: StatePaths, name: str, ready_url: str
+) -> subprocess.Popen:
+    """``process`` once ``ready_url`` answers; stopped, and a StackError, if it never does."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not _answers(ready_url):
+    while not answers(ready_url):
         if process.poll() is not None or time.monotonic() > deadline:
-            _stop_group(process.pid)
-            raise StackError(f"{name} did not start (see {log_path})")
+            stop_group(process.pid)
+            raise StackError(f"{name} did not start (see {paths.logs / f'{name}.log'})")
         time.sleep(0.25)
     return process
 
 
-def _start_ray(paths: StatePaths, num_cpus: float | None, num_gpus: float) -> StackInfo:
+def start_ray_head(
+    paths: StatePaths, num_cpus: float, num_gpus: float, extra_env: dict[str, str] | None = None
+) -> StackInfo:
+    """A Ray head whose dashboard serves the Jobs API; ``extra_env`` is for its drivers."""
     paths.stack_file.unlink(missing_ok=True)
-    for folder in (paths.root, paths.logs, paths.runs, paths.artifacts):
-        folder.mkdir(parents=True, exist_ok=True)
     _ensure_token(paths)
-    cpus = num_cpus if num_cpus is not None else float(os.cpu_count() or 1)
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     ray_cli = str(Path(sys.executable).with_name("ray"))
     command = [
         ray_cli,
@@ -218,42 +236,47 @@ def _start_ray(paths: StatePaths, num_cpus: float | None, num_gpus: float) -> St
         f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--num-cpus={cpus:g}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--num-cpus={num_cpus:g}",
         f"--num-gpus={num_gpus:g}",
         "--include-dashboard=true",
         f"--temp-dir={paths.ray_temp_dir}",
     ]
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-    head = _start_detached(
-        command, paths, "ray-head", f"{dashboard_url}/api/version", _head_env(paths, dashboard_url)
-    )
+    env = {**head_env(paths, dashboard_url), **(extra_env or {})}
+    head = start_detached(command, paths, "ray-head", f"{dashboard_url}/api/version", env)
     stack = StackInfo(
         ray_address=f"127.0.0.1:{gcs_port}",
         dashboard_url=dashboard_url,
         head_pid=head.pid,
-        num_cpus=cpus,
+        num_cpus=float(num_cpus),
         num_gpus=float(num_gpus),
     )
     stack.save(paths.stack_file)
     return stack
 
 
-def _stop_group(head_pid: int) -> None:
-    # SIGTERM to `ray start` alone lets it drain and stop its children in order (a few
-    # seconds); signalling the whole group at once makes it wait for a GCS that is gone.
-    try:
-        os.kill(head_pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def stop_group(pid: int) -> None:
+    stop_groups([pid])
+
+
+def stop_groups(pids: list[int]) -> None:
+    """Stop the process groups led by ``pids`` side by side. SIGTERM to each leader alone
+    lets `ray start` drain and stop its children in order (a few seconds); signalling a
+    whole group at once makes it wait for a GCS that is gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
-    while _alive(head_pid) and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(head_pid, os.WNOHANG)
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
         time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(head_pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def down(paths: StatePaths) -> bool:
@@ -263,7 +286,18 @@ def down(paths: StatePaths) -> bool:
     if stack is None:
         return False
     if stack.server_pid:
-        _stop_group(stack.server_pid)
-    _stop_group(stack.head_pid)
+        stop_group(stack.server_pid)
+    # Worker nodes before the head (they would wait for its GCS), MLflow before S3.
+    services = stack.services
+    stop_groups([pid for name, pid in services.items() if name.startswith("ray-worker-")])
+    stop_group(stack.head_pid)
+    stop_groups([pid for name, pid in services.items() if not name.startswith("ray-worker-")])
+    if stack.postgres_port is not None:
+        # The try-out production stack keeps nothing: its S3 (moto's) lived in memory, and
+        # databases naming artifacts that are gone would only mislead the next start.
+        PrivateCluster(paths.postgres_root, stack.postgres_port).stop()
+        shutil.rmtree(paths.postgres_root, ignore_errors=True)
+        paths.server_config.unlink(missing_ok=True)
+        paths.api_token_file.unlink(missing_ok=True)
     paths.stack_file.unlink(missing_ok=True)
     return True

@@ -9,6 +9,7 @@ import contextlib
 import os
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,3 +176,62 @@ def _logged_model_id(source: str | None) -> str | None:
     version's ``model_id`` empty; its source is then ``models:/<model id>``."""
     match = re.fullmatch(r"models:/(m-[0-9a-f]+)", source or "")
     return match[1] if match else None
+
+
+class Accounts:
+    """Users and registry permissions on an MLflow server that runs the basic-auth app
+    (`mlflow server --app-name basic-auth`), managed with an MLflow admin's credentials
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in this process's environment).
+
+    selfsup's rule: a registered model is written (new versions, aliases) only by the users
+    granted it, who are the owners of the jobs that registered it, and by admins."""
+
+    WRITE = ("EDIT", "MANAGE")
+
+    def __init__(self, tracking_uri: str) -> None:
+        # Imported here: it loads MLflow's server package (~4 s), needed only with auth on.
+        from mlflow.server.auth.client import AuthServiceClient
+
+        self.client = AuthServiceClient(tracking_uri)
+        self.tracking = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    @staticmethod
+    def on(tracking_uri: str, env: Mapping[str, str] = os.environ) -> bool:
+        """Whether this process manages accounts: an HTTP tracking server and credentials."""
+        return tracking_uri.startswith(("http://", "https://")) and bool(
+            env.get("MLFLOW_TRACKING_USERNAME")
+        )
+
+    def set_password(self, user: str, password: str, admin: bool) -> None:
+        """Make ``user``'s account, or give the one there this password; and the role."""
+        try:
+            try:
+                self.client.create_user(user, password)
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                self.client.update_user_password(user, password)
+            self.client.update_user_admin(user, admin)
+        except MlflowException as error:
+            raise TrackingError(f"cannot set up the MLflow account {user}: {error}") from None
+
+    def may_write_model(self, user: str, model: str) -> bool:
+        """True if ``model`` is not registered yet, or ``user`` may write it."""
+        try:
+            self.tracking.get_registered_model(model)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return True
+            raise
+        try:
+            found = self.client.get_user_permission(user, "registered_model", model)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":  # no MLflow account at all
+                return False
+            raise
+        return found.permission in self.WRITE
+
+    def grant_model(self, user: str, model: str) -> None:
+        """Let ``user`` write ``model`` (MANAGE: versions, aliases, and who else may)."""
+        if not self.may_write_model(user, model):
+            self.client.grant_user_permission(user, "registered_model", model, "MANAGE")

@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from service.client import ApiClient
+from service.ports import free_port
 from service.postgres import create_database, postgres_bin, postgres_server
-from service.stack import _answers, _free_port
+from service.stack import answers
 from tests.s3 import S3Endpoint, s3_server
 from tests.user_images import fill_bucket
 
@@ -165,7 +166,7 @@ class Stack:
         cluster, with ``settings`` over the stack's own; stopped on leaving."""
         document = yaml.safe_load((self.home / "server.yaml").read_text())
         document |= {
-            "port": _free_port(),
+            "port": free_port(),
             "store_url": f"sqlite:///{folder / 'jobs.db'}",
             "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
             "artifact_root": str(folder / "artifacts"),
@@ -190,7 +191,7 @@ class Stack:
                 ApiClient(env["SELFSUP_API_URL"], env["SELFSUP_TOKEN"]), env, document
             )
             deadline = time.monotonic() + 60
-            while not _answers(f"{controller.api.url}/healthz"):
+            while not answers(f"{controller.api.url}/healthz"):
                 assert server.poll() is None and time.monotonic() < deadline, "no server"
                 time.sleep(0.2)
             yield controller

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.postgres import _free_port
+from service.ports import free_port
 
 # moto lets this many requests through before it checks signatures: the three that make the
 # test user, its policy and its key.
@@ -72,7 +72,7 @@ def s3_server() -> Iterator[S3Endpoint]:
     moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
     if moto is None:
         raise FileNotFoundError("moto_server is not installed beside this Python")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [moto, "-H", "127.0.0.1", "-p", str(port)],

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.config import StatePaths
-from service.stack import _head_env
+from service.stack import head_env
 
 
 def test_head_env_drops_inherited_ray_address_and_sets_the_stack_token(
@@ -17,7 +17,7 @@ def test_head_env_drops_inherited_ray_address_and_sets_the_stack_token(
     monkeypatch.setenv("RAY_ADDRESS", "192.0.2.9:6379")  # e.g. exported by an earlier ray.init()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     paths = StatePaths(tmp_path)
-    env = _head_env(paths)
+    env = head_env(paths)
     assert "RAY_ADDRESS" not in env
     assert env["RAY_AUTH_MODE"] == "token"
     assert env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "ray-auth-token")
