@@ -11,6 +11,7 @@ killed and started again reconciles every unfinished job with Ray's view of it.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -86,22 +87,30 @@ class Controller:
         self.ray = RayJobs(settings.ray_dashboard_url)
         self._lock = threading.RLock()  # pairs a state change with its Ray call
         self._last_submit = 0.0  # time.monotonic() of the latest submit
-        self._capacity: tuple[float, Resources] | None = None
+        self._capacity: tuple[float, Resources, float] | None = None
         self._waiting: dict[str, str] = {}  # job id -> why it waits, from the latest plan
 
     # ---- the cluster ------------------------------------------------------------------------
 
     def capacity(self) -> Resources:
         """The cluster's whole size (settings first, else Ray's live nodes), briefly cached."""
+        return self._cluster()[0]
+
+    def _cluster(self) -> tuple[Resources, float]:
+        """The cluster's size, and how many units of the settings' worker_resource it offers
+        (infinite without one): Train workers fit only there."""
         now = time.monotonic()
         if self._capacity is None or now - self._capacity[0] > CAPACITY_REFRESH_S:
             cpus, gpus = self.settings.cluster_cpus, self.settings.cluster_gpus
-            if cpus is None or gpus is None:
-                ray_cpus, ray_gpus = self.ray.cluster_resources()
-                cpus = ray_cpus if cpus is None else cpus
-                gpus = ray_gpus if gpus is None else gpus
-            self._capacity = (now, Resources(cpus, gpus))
-        return self._capacity[1]
+            units = math.inf
+            if cpus is None or gpus is None or self.settings.worker_resource:
+                totals = self.ray.cluster_resources()
+                cpus = totals.get("CPU", 0.0) if cpus is None else cpus
+                gpus = totals.get("GPU", 0.0) if gpus is None else gpus
+                if self.settings.worker_resource:
+                    units = totals.get(self.settings.worker_resource, 0.0)
+            self._capacity = (now, Resources(cpus, gpus), units)
+        return self._capacity[1], self._capacity[2]
 
     def policy(self) -> Policy:
         return Policy(
@@ -124,7 +133,7 @@ class Controller:
         if problems := data_problems(spec):
             raise SpecError(problems)
         cpus, gpus = gang_resources(spec)
-        total = self.capacity()
+        total, units = self._cluster()
         if not Resources(cpus, gpus).fits_within(total):
             raise SpecError(
                 [
@@ -132,6 +141,17 @@ class Controller:
                         "resources",
                         f"the job needs {cpus:g} CPUs and {gpus:g} GPUs at once; the cluster "
                         f"has {total.cpus:g} CPUs and {total.gpus:g} GPUs",
+                    )
+                ]
+            )
+        asked = spec.resources.workers * spec.resources.cpus_per_worker
+        if asked > units + 1e-9:
+            raise SpecError(
+                [
+                    (
+                        "resources",
+                        f"the gang's workers take {asked:g} CPUs at once on nodes that train "
+                        f"(offering {self.settings.worker_resource}); the cluster's have {units:g}",
                     )
                 ]
             )

@@ -86,10 +86,12 @@ class RayJobs:
     def logs(self, submission_id: str) -> str:
         return self.client.get_job_logs(submission_id)
 
-    def cluster_resources(self) -> tuple[float, float]:
-        """CPUs and GPUs of the cluster's live nodes, as Ray counts them."""
+    def cluster_resources(self) -> dict[str, float]:
+        """Every resource of the cluster's live nodes (CPU, GPU, custom ones), as Ray counts."""
         nodes = list_nodes(address=self.address, detail=True, raise_on_missing_output=False)
-        alive = [node for node in nodes if node.state == "ALIVE"]
-        cpus = sum(node.resources_total.get("CPU", 0.0) for node in alive)
-        gpus = sum(node.resources_total.get("GPU", 0.0) for node in alive)
-        return float(cpus), float(gpus)
+        totals: dict[str, float] = {}
+        for node in nodes:
+            if node.state == "ALIVE":
+                for name, amount in node.resources_total.items():
+                    totals[name] = totals.get(name, 0.0) + float(amount)
+        return totals

@@ -13,6 +13,7 @@ import contextlib
 import enum
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +56,19 @@ class JobState(enum.StrEnum):
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 # Jobs that hold their gang's resources in the Ray cluster.
 ACTIVE_STATES = frozenset({JobState.STARTING, JobState.RUNNING})
+
+
+@dataclass(frozen=True, slots=True)
+class Admissible:
+    """What admission reads of a job (service/scheduler.py's Schedulable)."""
+
+    id: str
+    owner: str
+    priority: int
+    created_at: datetime
+    workers: int
+    cpus: float
+    gpus: float
 
 
 def utcnow() -> datetime:
@@ -211,14 +225,15 @@ class JobStore:
         with self._session() as session:
             return list(session.scalars(query))
 
-    def schedulable(self, states: Iterable[JobState]) -> list[Any]:
-        """The jobs in ``states`` with just what admission reads (not their specs): rows with
-        id, owner, priority, created_at, workers, cpus and gpus."""
+    def schedulable(self, states: Iterable[JobState]) -> list[Admissible]:
+        """The jobs in ``states`` with just what admission reads (not their specs)."""
         query = select(
             Job.id, Job.owner, Job.priority, Job.created_at, Job.workers, Job.cpus, Job.gpus
         ).where(Job.state.in_([str(state) for state in states]))
-        with self._session() as session:
-            return list(session.execute(query))
+        with self.engine.connect() as connection:
+            # Plain tuples into slotted objects: the planner reads each field of 10,000 jobs
+            # several times, and a SQLAlchemy Row's attribute lookup costs twice as much.
+            return [Admissible(*row) for row in connection.execute(query)]
 
     def without_run(self, state: JobState, limit: int) -> list[Job]:
         """The oldest ``limit`` jobs in ``state`` that have no MLflow run yet."""

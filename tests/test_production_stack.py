@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from base64 import b64encode
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -46,7 +46,7 @@ from workers.data import split_samples
 from workers.train_loop import REFERENCE_FILE
 
 MODEL = "test-pirl-production"
-EPOCHS = 6
+EPOCHS = 4
 WORKER_NODES = 3
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 PCA_DIGITS = Path(__file__).parent.parent / "examples" / "pca-digits.yaml"
@@ -56,6 +56,7 @@ PCA_DIGITS = Path(__file__).parent.parent / "examples" / "pca-digits.yaml"
 class Production:
     home: Path
     env: dict[str, str]  # the operator's shell on the stack's machine: SELFSUP_HOME only
+    users: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -88,9 +89,11 @@ class Production:
 
     def user(self, name: str, admin: bool = False) -> dict[str, str]:
         """A user's shell elsewhere: the controller's address, their token, and their MLflow
-        account (made by `selfsup token create`, the token its password)."""
+        account (made by `selfsup token create`, the token its password), once a user."""
+        if name in self.users:
+            return self.users[name]
         token = self.checked("token", "create", name, *(["--admin"] if admin else []))
-        return {
+        self.users[name] = {
             **self.env,
             "SELFSUP_HOME": str(self.home / "nowhere"),  # nothing local: all by address
             "SELFSUP_API_URL": self.info["api_url"],
@@ -99,6 +102,7 @@ class Production:
             "MLFLOW_TRACKING_USERNAME": name,
             "MLFLOW_TRACKING_PASSWORD": token.strip(),
         }
+        return self.users[name]
 
     def wait_for(self, job_id: str, user: dict[str, str], states: tuple[str, ...]) -> dict:
         api = ApiClient(user["SELFSUP_API_URL"], user["SELFSUP_TOKEN"])
@@ -330,3 +334,16 @@ def test_no_secret_reaches_what_users_and_operators_read(
     for what, text in readable.items():
         assert all(secret not in text for secret in secrets), what
     assert WORKER_RESOURCE in production.settings["worker_resource"]
+
+
+def test_a_gang_wider_than_the_training_nodes_is_refused_at_submit(
+    production: Production, tmp_path: Path
+) -> None:
+    """Four one-CPU workers fit the cluster's 4 CPUs, but only the three worker nodes train."""
+    document = yaml.safe_load(PCA_DIGITS.read_text())
+    document["resources"] |= {"workers": 4}
+    spec = tmp_path / "wide.yaml"
+    spec.write_text(json.dumps(document))
+    refused = production.cli("job", "submit", str(spec), env=production.user("bob"))
+    assert refused.returncode == 2, refused
+    assert f"offering {WORKER_RESOURCE}); the cluster's have 3" in refused.stderr
