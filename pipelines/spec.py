@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -534,8 +535,13 @@ def read_yaml(text: str) -> Any:
 
 def load_spec_text(text: str) -> JobSpec:
     """Parse and validate YAML text. Any problem, YAML syntax included, is a SpecError."""
+    return parse_spec(_read_spec_document(text))
+
+
+def _read_spec_document(text: str) -> Any:
+    """YAML text -> Python values; a SpecError saying where the syntax is wrong."""
     try:
-        document = read_yaml(text)
+        return read_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -543,7 +549,35 @@ def load_spec_text(text: str) -> JobSpec:
         raise SpecError([("(yaml)", f"not valid YAML{where}: {problem}")]) from None
     except (ValueError, RecursionError) as error:
         raise SpecError([("(yaml)", f"not valid YAML: {error}")]) from None
-    return parse_spec(document)
+
+
+def apply_overrides(text: str, overrides: Sequence[str]) -> str:
+    """The spec text with ``dotted.field=value`` assignments over it (`--set`): each value
+    read as YAML (``1e-3``, ``true``, ``[0.1, 0.5]``), a missing section made. Comments do
+    not survive a rewrite, so the text comes back unchanged when there is nothing to set.
+    A malformed assignment, or one through a field that is not a section, is a SpecError."""
+    if not overrides:
+        return text
+    document = _read_spec_document(text)
+    if not isinstance(document, dict):
+        raise SpecError([("--set", "the spec is not a mapping of sections, so nothing can be set")])
+    for assignment in overrides:
+        path, equals, raw = assignment.partition("=")
+        keys = path.strip().split(".")
+        if not equals or not all(key.strip() for key in keys):
+            raise SpecError([("--set", f"{assignment!r} is not FIELD.PATH=VALUE")])
+        try:
+            value = read_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise SpecError([("--set", f"{assignment!r}: the value is not valid YAML")]) from None
+        section = document
+        for depth, key in enumerate(keys[:-1]):
+            section = section.setdefault(key, {})
+            if not isinstance(section, dict):
+                where = ".".join(keys[: depth + 1])
+                raise SpecError([("--set", f"{assignment!r}: {where} is a value, not a section")])
+        section[keys[-1]] = value
+    return yaml.safe_dump(document, sort_keys=False)
 
 
 def check_listed(spec: JobSpec, count: int) -> None:

@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,10 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_job_submit(args: argparse.Namespace) -> int:
+def _spec_text(args: argparse.Namespace) -> str:
+    """The spec file's text with the command line's ``--set`` assignments over it."""
+    from pipelines.spec import SpecError, apply_overrides
+
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"no such spec file: {path}", EXIT_USAGE)
@@ -218,6 +221,66 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
         raise CliError(f"cannot read {path}: {error}", EXIT_USAGE) from None
+    try:
+        return apply_overrides(text, args.set or [])
+    except SpecError as error:
+        raise CliError(f"invalid job spec {path}:\n" + _indent(str(error)), EXIT_USAGE) from None
+
+
+def _invalid_spec(args: argparse.Namespace, error: ApiError) -> CliError:
+    return CliError(f"invalid job spec {args.file}:\n" + _indent(str(error)), EXIT_USAGE)
+
+
+def cmd_spec_validate(args: argparse.Namespace) -> int:
+    text = _spec_text(args)
+    try:
+        checked = _api(args).request("POST", "/v1/specs/validate", {"spec": text})
+    except ApiError as error:
+        if error.status == 422:
+            raise _invalid_spec(args, error) from None
+        raise
+    if args.output != "table":
+        _print_document(checked, args.output)
+        return EXIT_OK
+    print(
+        f"{args.file}: valid ({checked['name']}: {checked['workers']} workers, "
+        f"{checked['cpus']:g} CPUs and {checked['gpus']:g} GPUs at once, config hash "
+        f"{checked['config_hash']}); nothing was submitted"
+    )
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pipelines.spec_template import spec_template
+
+    try:
+        text = spec_template(args.method)
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    if args.output_file is None:
+        print(text, end="")
+        return EXIT_OK
+    target = Path(args.output_file)
+    try:
+        with target.open("x") as handle:  # never over a file the user has
+            handle.write(text)
+    except FileExistsError:
+        raise CliError(f"{target} exists: choose another file name", EXIT_USAGE) from None
+    except OSError as error:
+        raise CliError(f"cannot write {target}: {error}", EXIT_USAGE) from None
+    print(f"wrote {target}: check it with `selfsup spec validate {target}`")
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from selfsup.completion import bash_script
+
+    print(bash_script(_parser()), end="")
+    return EXIT_OK
+
+
+def cmd_job_submit(args: argparse.Namespace) -> int:
+    text = _spec_text(args)
     api = _api(args)
     # One key per invocation unless the user gives theirs: the client's own retries of this
     # POST can then never queue the job twice.
@@ -226,9 +289,7 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         job = api.request("POST", "/v1/jobs", {"spec": text}, headers={"Idempotency-Key": key})
     except ApiError as error:
         if error.status == 422:
-            raise CliError(
-                f"invalid job spec {path}:\n" + _indent(str(error)), EXIT_USAGE
-            ) from None
+            raise _invalid_spec(args, error) from None
         raise
     if args.output != "table" and not args.wait:
         _print_document(job, args.output)
@@ -329,8 +390,34 @@ def _print_result(result: dict[str, Any]) -> None:
         print("\n".join(table))
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def since_time(text: str, now: datetime) -> datetime:
+    """`--since`: a duration back from ``now`` (90s, 30m, 6h, 2d, 1w) or an ISO date or time
+    (UTC unless it says otherwise)."""
+    if match := _DURATION.fullmatch(text.strip()):
+        return now - timedelta(seconds=float(match[1]) * _SECONDS[match[2]])
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise CliError(
+            f"--since {text!r}: give a duration (30m, 6h, 2d) or an ISO date (2026-12-01)",
+            EXIT_USAGE,
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def cmd_job_list(args: argparse.Namespace) -> int:
-    jobs = _api(args).request("GET", "/v1/jobs", query={"all": str(args.all).lower()})
+    query: dict[str, Any] = {"all": str(args.all).lower()}
+    if args.state:
+        query["state"] = args.state
+    if args.name:
+        query["name"] = args.name
+    if args.since:
+        query["since"] = since_time(args.since, datetime.now(UTC)).isoformat()
+    jobs = _api(args).request("GET", "/v1/jobs", query=query)
     columns = ["id", "name", "state", "owner", "priority", "workers", "attempts", "created"]
     _print_rows(jobs, args.output, [*columns, "message"])
     return EXIT_OK
@@ -579,6 +666,14 @@ def _parser() -> argparse.ArgumentParser:
             command.set_defaults(handler=handler)
         return command
 
+    def overrides(command: Any) -> None:
+        command.add_argument(
+            "--set",
+            action="append",
+            metavar="FIELD=VALUE",
+            help="override a spec field, e.g. train.lr=1e-3 (repeat; values read as YAML)",
+        )
+
     def output(command: Any) -> None:
         command.add_argument("-o", "--output", choices=OUTPUTS, default="table")
 
@@ -615,14 +710,36 @@ def _parser() -> argparse.ArgumentParser:
     verbs = job.add_subparsers(dest="verb", required=True)
     submit = add(verbs, "submit", cmd_job_submit, "validate and queue a YAML job spec")
     submit.add_argument("file")
+    overrides(submit)
     submit.add_argument("--wait", action="store_true", help="follow the job to its end")
     submit.add_argument(
         "--idempotency-key", help="submitting again with the same key returns the same job"
     )
     output(submit)
-    listing = add(verbs, "list", cmd_job_list, "list your jobs")
+    listing = add(verbs, "list", cmd_job_list, "list your jobs, newest first")
     listing.add_argument("--all", action="store_true", help="everyone's jobs (admins)")
+    listing.add_argument(
+        "--state", action="append", type=str.upper, help="only jobs in this state (repeat)"
+    )
+    listing.add_argument("--name", help="only jobs whose name contains this")
+    listing.add_argument(
+        "--since", help="only jobs created since: a duration (30m, 6h, 2d) or an ISO date"
+    )
     output(listing)
+
+    spec = nouns.add_parser("spec", help="job specs")
+    spec_verbs = spec.add_subparsers(dest="verb", required=True)
+    validate = add(
+        spec_verbs, "validate", cmd_spec_validate, "run the submit-time checks; store nothing"
+    )
+    validate.add_argument("file")
+    overrides(validate)
+    output(validate)
+    completion = add(nouns, "completion", cmd_completion, "print a shell completion script")
+    completion.add_argument("shell", choices=["bash"])
+    init = add(nouns, "init", cmd_init, "write a commented job spec for a method")
+    init.add_argument("method")
+    init.add_argument("-o", "--output-file", help="write here (default: print it)")
     for name, handler, text in (
         ("status", cmd_job_status, "show one job, and why it waits if it does"),
         ("cancel", cmd_job_cancel, "cancel a queued or running job"),

@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -143,9 +144,32 @@ def create_app(controller: Controller) -> FastAPI:
         body = job_view(controller, job, detail=True)
         return body if created else JSONResponse(body, status_code=200)
 
+    @app.post("/v1/specs/validate")
+    def validate(request: SubmitRequest, _user: User) -> dict[str, Any]:
+        """The submit-time checks of a spec, nothing stored (`selfsup spec validate`)."""
+        spec, cpus, gpus = controller.validate(request.spec)
+        return {
+            "name": spec.name,
+            "config_hash": spec.config_hash(),
+            "workers": spec.resources.workers,
+            "cpus": cpus,
+            "gpus": gpus,
+            "spec": spec.model_dump(mode="json", by_alias=True),
+        }
+
     @app.get("/v1/jobs")
-    def list_jobs(user: User, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002
-        return [job_view(controller, job) for job in controller.list(user, everyone=all)]
+    def list_jobs(
+        user: User,
+        all: bool = False,  # noqa: A002
+        state: Annotated[list[JobState] | None, Query()] = None,
+        name: Annotated[str | None, Query(max_length=128)] = None,
+        since: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """Newest first; ``state`` repeats, ``name`` matches a part, ``since`` an ISO time."""
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)  # a time without a zone is UTC, as the API's are
+        jobs = controller.list(user, all, state, name, since)
+        return [job_view(controller, job) for job in jobs]
 
     @app.get("/v1/jobs/{job_id}")
     def status(job_id: str, user: User) -> dict[str, Any]:

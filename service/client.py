@@ -58,7 +58,7 @@ class ApiClient:
     ) -> Any:
         url = self.url + path
         if query:
-            url += "?" + urllib.parse.urlencode(query)
+            url += "?" + urllib.parse.urlencode(query, doseq=True)  # a list: the key repeated
         sent = {"Accept": "application/json", **(headers or {})}
         if self.token:
             sent["Authorization"] = f"Bearer {self.token}"

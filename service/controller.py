@@ -124,11 +124,9 @@ class Controller:
 
     # ---- user requests ----------------------------------------------------------------------
 
-    def submit(
-        self, principal: Principal, spec_text: str, key: str | None = None
-    ) -> tuple[Job, bool]:
-        """Validate, then store the job QUEUED; (job, True) if new, (the key's earlier job,
-        False) if the key was seen. A SpecError leaves nothing behind."""
+    def validate(self, spec_text: str) -> tuple[JobSpec, float, float]:
+        """Every submit-time check, nothing stored: the spec, its data source listed, its gang
+        against the cluster. The spec and the gang's CPUs and GPUs; a SpecError if it fails."""
         spec = load_spec_text(spec_text)
         if problems := data_problems(spec):
             raise SpecError(problems)
@@ -155,6 +153,14 @@ class Controller:
                     )
                 ]
             )
+        return spec, cpus, gpus
+
+    def submit(
+        self, principal: Principal, spec_text: str, key: str | None = None
+    ) -> tuple[Job, bool]:
+        """Validate, then store the job QUEUED; (job, True) if new, (the key's earlier job,
+        False) if the key was seen. A SpecError leaves nothing behind."""
+        spec, cpus, gpus = self.validate(spec_text)
         self._last_submit = time.monotonic()
         now = utcnow()
         job = Job(
@@ -197,9 +203,16 @@ class Controller:
             raise JobNotFound(f"no job {job_id!r} visible to {principal.user}")
         return job
 
-    def list(self, principal: Principal, everyone: bool = False) -> list[Job]:
+    def list(
+        self,
+        principal: Principal,
+        everyone: bool = False,
+        states: list[JobState] | None = None,
+        name_contains: str | None = None,
+        since: datetime | None = None,
+    ) -> list[Job]:
         owner = None if (everyone and principal.is_admin) else principal.user
-        return self.store.list(owner=owner)
+        return self.store.list(states, owner, name_contains, since)
 
     def cancel(self, principal: Principal, job_id: str) -> Job:
         """Stop the Ray job if one runs; checkpoints and the MLflow run stay (marked killed)."""

@@ -216,12 +216,25 @@ class JobStore:
         with self._session() as session:
             return session.scalar(query)
 
-    def list(self, states: Iterable[JobState] | None = None, owner: str | None = None) -> list[Job]:
+    def list(
+        self,
+        states: Iterable[JobState] | None = None,
+        owner: str | None = None,
+        name_contains: str | None = None,
+        since: datetime | None = None,
+    ) -> list[Job]:
+        """Jobs newest first, filtered by state, owner, part of the name, creation time."""
         query = select(Job).order_by(Job.created_at.desc())
         if states is not None:
             query = query.where(Job.state.in_([str(state) for state in states]))
         if owner is not None:
             query = query.where(Job.owner == owner)
+        if name_contains:
+            query = query.where(Job.name.contains(name_contains, autoescape=True))
+        if since is not None:
+            if self.engine.dialect.name == "sqlite":  # it keeps naive UTC text
+                since = since.astimezone(UTC).replace(tzinfo=None)
+            query = query.where(Job.created_at >= since)
         with self._session() as session:
             return list(session.scalars(query))
 
