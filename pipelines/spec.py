@@ -44,6 +44,7 @@ IMAGENET_STEM_FROM = 96
 AUGMENT_PRESETS = ("digits", "simclr", "none")
 # Names shared by the job id, the Ray submission id, the MLflow run and the registered model.
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+JOB_ID_PATTERN = r"^job-[0-9a-f]{12}$"  # the ids the controller gives jobs
 
 
 class SpecError(Exception):
@@ -343,6 +344,18 @@ class JobSpec(Section):
     registration: RegisterSpec | None = Field(default=None, alias="register")
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
     max_retries: Annotated[int, Field(ge=0, le=100)] = 0
+    # Jobs that must have SUCCEEDED before this one is admitted; if one fails or is
+    # cancelled, this one fails with the reason.
+    depends_on: Annotated[
+        list[Annotated[str, Field(pattern=JOB_ID_PATTERN)]], Field(max_length=32)
+    ] = []
+
+    @field_validator("depends_on")
+    @classmethod
+    def _distinct_dependencies(cls, ids: list[str]) -> list[str]:
+        if len(set(ids)) != len(ids):
+            raise ValueError("lists a job twice")
+        return ids
 
     @model_validator(mode="after")
     def _resolve_user_data(self) -> JobSpec:
@@ -383,9 +396,9 @@ class JobSpec(Section):
         return document
 
     def config_hash(self) -> str:
-        """A stable hash of everything that shapes the result (not priority or retries, nor
-        the CPUs that decode the data)."""
-        shaping = self._document({"priority", "max_retries", "registration"})
+        """A stable hash of everything that shapes the result (not priority, retries or
+        dependencies, nor the CPUs that decode the data)."""
+        shaping = self._document({"priority", "max_retries", "registration", "depends_on"})
         shaping["resources"].pop("data_cpus", None)
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -145,9 +145,9 @@ def create_app(controller: Controller) -> FastAPI:
         return body if created else JSONResponse(body, status_code=200)
 
     @app.post("/v1/specs/validate")
-    def validate(request: SubmitRequest, _user: User) -> dict[str, Any]:
+    def validate(request: SubmitRequest, user: User) -> dict[str, Any]:
         """The submit-time checks of a spec, nothing stored (`selfsup spec validate`)."""
-        spec, cpus, gpus = controller.validate(request.spec)
+        spec, cpus, gpus = controller.validate(user, request.spec)
         return {
             "name": spec.name,
             "config_hash": spec.config_hash(),

@@ -124,11 +124,12 @@ class Controller:
 
     # ---- user requests ----------------------------------------------------------------------
 
-    def validate(self, spec_text: str) -> tuple[JobSpec, float, float]:
-        """Every submit-time check, nothing stored: the spec, its data source listed, its gang
-        against the cluster. The spec and the gang's CPUs and GPUs; a SpecError if it fails."""
+    def validate(self, principal: Principal, spec_text: str) -> tuple[JobSpec, float, float]:
+        """Every submit-time check, nothing stored: the spec, its data source listed, the jobs
+        it depends on, its gang against the cluster. The spec and the gang's CPUs and GPUs; a
+        SpecError if it fails."""
         spec = load_spec_text(spec_text)
-        if problems := data_problems(spec):
+        if problems := data_problems(spec) + self._dependency_problems(principal, spec):
             raise SpecError(problems)
         cpus, gpus = gang_resources(spec)
         total, units = self._cluster()
@@ -160,7 +161,7 @@ class Controller:
     ) -> tuple[Job, bool]:
         """Validate, then store the job QUEUED; (job, True) if new, (the key's earlier job,
         False) if the key was seen. A SpecError leaves nothing behind."""
-        spec, cpus, gpus = self.validate(spec_text)
+        spec, cpus, gpus = self.validate(principal, spec_text)
         self._last_submit = time.monotonic()
         now = utcnow()
         job = Job(
@@ -177,6 +178,7 @@ class Controller:
             cpus=cpus,
             gpus=gpus,
             max_retries=spec.max_retries,
+            depends_on=" ".join(spec.depends_on) or None,
             created_at=now,
             updated_at=now,
         )
@@ -187,6 +189,19 @@ class Controller:
         if added is None:  # the key names a job stored before (by this or another request)
             return self._by_key(principal, key or "", spec_text), False
         return added, True
+
+    def _dependency_problems(self, principal: Principal, spec: JobSpec) -> list[tuple[str, str]]:
+        """depends_on names jobs the user can see that may still succeed."""
+        problems = []
+        for position, job_id in enumerate(spec.depends_on):
+            job = self.store.get(job_id)
+            if job is None or not principal.may_see(job.owner):
+                problems.append((f"depends_on.{position}", f"no job {job_id} visible to you"))
+            elif job.state in (JobState.FAILED, JobState.CANCELLED):
+                problems.append(
+                    (f"depends_on.{position}", f"{job_id} is {job.state}: it will not succeed")
+                )
+        return problems
 
     def _by_key(self, principal: Principal, key: str, spec_text: str) -> Job | None:
         job = self.store.by_key(principal.user, key)
@@ -309,21 +324,58 @@ class Controller:
                         CONTROLLER,
                         "backoff over: requeued",
                     )
-            decision = self.plan()
+            held, broken = self._dependencies()
+            for job_id, reason in broken.items():
+                self._fail_queued(job_id, reason)
+            decision = self.plan(held)
             self._waiting = decision.waiting
             for admitted in decision.admit:
                 job = self.store.get(admitted.id)
                 if job is not None:
                     self._start(job)
 
-    def plan(self) -> Plan:
+    def plan(self, held: dict[str, str] | None = None) -> Plan:
         return plan(
             self.store.schedulable([JobState.QUEUED]),
             self.store.schedulable(ACTIVE_STATES),
             self.capacity(),
             self.policy(),
             utcnow(),
+            held,
         )
+
+    def _dependencies(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Queued jobs that wait for others (id -> why), and those whose dependency ended
+        without success (id -> why they fail), from one read of the dependencies' states."""
+        waits = self.store.dependencies()
+        states = self.store.states(job_id for ids in waits.values() for job_id in ids)
+        held: dict[str, str] = {}
+        broken: dict[str, str] = {}
+        for job_id, ids in waits.items():
+            ended = [d for d in ids if states.get(d) in (None, JobState.FAILED, JobState.CANCELLED)]
+            pending = [d for d in ids if states.get(d) is not JobState.SUCCEEDED]
+            if ended:
+                what = ", ".join(f"{d} {states.get(d, 'was deleted')}" for d in ended)
+                broken[job_id] = f"depends_on: {what}, so this job will not run"
+            elif pending:
+                what = ", ".join(f"{d} ({states[d]})" for d in pending)
+                held[job_id] = f"waits for {what} to succeed (depends_on)"
+        return held, broken
+
+    def _fail_queued(self, job_id: str, reason: str) -> None:
+        """A queued job that will never be admitted: FAILED with the reason, its run too."""
+        if self.store.transition(
+            job_id,
+            [JobState.QUEUED],
+            JobState.FAILED,
+            CONTROLLER,
+            reason,
+            finished_at=utcnow(),
+            message=reason,
+        ):
+            job = self.store.get(job_id)
+            if job is not None and job.mlflow_run_id:
+                self.tracking.mark_run(job.mlflow_run_id, RunStatus.FAILED)
 
     def _open_runs(self) -> None:
         """MLflow runs for queued jobs that have none yet, oldest first, while submits are
@@ -360,16 +412,7 @@ class Controller:
         if self._open_run(job) is None:
             return
         if (refusal := self._registry_refusal(job)) is not None:
-            if self.store.transition(
-                job.id,
-                [JobState.QUEUED],
-                JobState.FAILED,
-                CONTROLLER,
-                refusal,
-                finished_at=utcnow(),
-                message=refusal,
-            ):
-                self.tracking.mark_run(job.mlflow_run_id, RunStatus.FAILED)
+            self._fail_queued(job.id, refusal)
             return
         now = utcnow()
         moved = self.store.transition(

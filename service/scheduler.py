@@ -12,6 +12,7 @@ users, not about the cluster.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -79,8 +80,12 @@ def plan(
     total: Resources,
     policy: Policy,
     now: datetime,
+    held: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Which queued jobs to start now, and for each other one, why it waits."""
+    """Which queued jobs to start now, and for each other one, why it waits. ``held`` maps
+    the jobs that wait for other jobs to why: they are not admitted and, since capacity is
+    not what they wait for, block no one behind them."""
+    held = held or {}
     result = Plan()
     if policy.paused:
         result.waiting = {job.id: "the queue is paused by an admin" for job in queued}
@@ -94,7 +99,9 @@ def plan(
     for position, job in enumerate(queue_order(queued, now, policy), start=1):
         owned = workers_by_owner.get(job.owner, 0)
         cap = policy.max_workers_per_user
-        if cap is not None and owned + job.workers > cap:
+        if job.id in held:
+            result.waiting[job.id] = held[job.id]
+        elif cap is not None and owned + job.workers > cap:
             result.waiting[job.id] = (
                 f"user {job.owner} has {owned} workers running; this job's {job.workers} more "
                 f"would pass the per-user cap of {cap}"

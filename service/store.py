@@ -104,6 +104,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # hand-overs to Ray
     retries: Mapped[int] = mapped_column(Integer, default=0)  # automatic retries used
     max_retries: Mapped[int] = mapped_column(Integer, default=0)
+    # The spec's depends_on, space-separated (migration 0003); None: it waits for no job.
+    depends_on: Mapped[str | None] = mapped_column(Text, nullable=True)
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     progress_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -247,6 +249,23 @@ class JobStore:
             # Plain tuples into slotted objects: the planner reads each field of 10,000 jobs
             # several times, and a SQLAlchemy Row's attribute lookup costs twice as much.
             return [Admissible(*row) for row in connection.execute(query)]
+
+    def dependencies(self) -> dict[str, list[str]]:
+        """Queued job id -> the ids of the jobs it waits for, for the queued jobs that wait."""
+        query = select(Job.id, Job.depends_on).where(
+            Job.state == str(JobState.QUEUED), Job.depends_on.is_not(None)
+        )
+        with self.engine.connect() as connection:
+            return {job_id: ids.split() for job_id, ids in connection.execute(query)}
+
+    def states(self, job_ids: Iterable[str]) -> dict[str, JobState]:
+        """The state of each of ``job_ids`` that exists."""
+        wanted = sorted(set(job_ids))
+        if not wanted:
+            return {}
+        query = select(Job.id, Job.state).where(Job.id.in_(wanted))
+        with self.engine.connect() as connection:
+            return {job_id: JobState(state) for job_id, state in connection.execute(query)}
 
     def without_run(self, state: JobState, limit: int) -> list[Job]:
         """The oldest ``limit`` jobs in ``state`` that have no MLflow run yet."""

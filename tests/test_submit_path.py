@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.spec import SpecError
 from service import controller as controller_module
 from service.auth import USER, Principal
 from service.controller import PAUSED_FLAG, Controller
@@ -69,3 +70,45 @@ def test_a_submit_answers_first_and_the_loop_makes_one_run_per_job(
     assert first.store.get(cancelled.id).mlflow_run_id is None
     assert runs_named(first, cancelled.id) == []
     assert first.store.flag(PAUSED_FLAG) == "true"
+
+
+def test_a_job_waits_for_its_dependencies_and_fails_with_theirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(controller_module, "SUBMITS_QUIET_S", 0.0)
+    controller = paused_controller(tmp_path)
+    first, _ = controller.submit(ALICE, TINY)
+    second, _ = controller.submit(ALICE, TINY + f"depends_on: [{first.id}]\n")
+    assert controller.store.get(second.id).depends_on == first.id
+    held, broken = controller._dependencies()
+    assert held == {second.id: f"waits for {first.id} (QUEUED) to succeed (depends_on)"}
+    assert not broken
+    # Only jobs the user sees, and that may still succeed, can be waited for.
+    bobs, _ = controller.submit(Principal("bob", USER), TINY)
+    for missing in ("job-000000000000", bobs.id):
+        with pytest.raises(SpecError, match=f"no job {missing} visible to you"):
+            controller.submit(ALICE, TINY + f"depends_on: [{missing}]\n")
+    with pytest.raises(SpecError, match="lists a job twice"):
+        controller.submit(ALICE, TINY + f"depends_on: [{first.id}, {first.id}]\n")
+
+    # Once the first has succeeded, the second is admitted like any job.
+    controller.store.transition(first.id, [JobState.QUEUED], JobState.SUCCEEDED, "test", "done")
+    controller.set_paused(False)
+    held, _ = controller._dependencies()
+    assert second.id not in held and second.id in [job.id for job in controller.plan(held).admit]
+    controller.set_paused(True)
+
+    # A job whose dependency is cancelled fails at the loop's next turn, saying why.
+    doomed_dependency, _ = controller.submit(ALICE, TINY)
+    dependent, _ = controller.submit(ALICE, TINY + f"depends_on: [{doomed_dependency.id}]\n")
+    controller.cancel(ALICE, doomed_dependency.id)
+    controller.tick()
+    failed = controller.store.get(dependent.id)
+    assert failed.state == JobState.FAILED
+    assert (
+        failed.message == f"depends_on: {doomed_dependency.id} CANCELLED, so this job will not run"
+    )
+    (run,) = runs_named(controller, dependent.id)
+    assert run.info.status == "FAILED"
+    with pytest.raises(SpecError, match="is CANCELLED: it will not succeed"):
+        controller.submit(ALICE, TINY + f"depends_on: [{doomed_dependency.id}]\n")
