@@ -102,4 +102,5 @@ def spec_template(method: str) -> str:
     lines += _section("register", full.registration, dumped["register"])
     for name in ("priority", "max_retries"):
         lines.append(f"{name}: {dumped[name]}  # {_comment(JobSpec.model_fields[name])}")
+    lines.append("depends_on: []  # ids of jobs that must succeed before this one starts")
     return "\n".join(lines) + "\n"
