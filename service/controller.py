@@ -11,6 +11,7 @@ killed and started again reconciles every unfinished job with Ray's view of it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -46,6 +47,9 @@ def ray_id(job: Job) -> str:
 
 class JobNotFound(Exception):
     pass
+
+
+_log = logging.getLogger(__name__)
 
 
 class JobConflict(Exception):
@@ -274,10 +278,26 @@ class Controller:
             return self.get(principal, job_id)
 
     def logs(self, job: Job) -> str:
-        """The job's Ray logs: those of its latest attempt, empty before its first."""
-        if job.attempts == 0 or self.ray.view(ray_id(job)).phase is RayJobPhase.MISSING:
+        """The job's logs: those of its latest attempt, from Ray while it knows the attempt,
+        else as archived in the job's MLflow run when the attempt ended; empty before the
+        first attempt."""
+        if job.attempts == 0:
             return ""
-        return self.ray.logs(ray_id(job))
+        if self.ray.view(ray_id(job)).phase is not RayJobPhase.MISSING:
+            return self.ray.logs(ray_id(job))
+        if job.mlflow_run_id:
+            return self.tracking.archived_logs(job.mlflow_run_id, job.attempts) or ""
+        return ""
+
+    def _archive_logs(self, job: Job) -> None:
+        """Keep the ending attempt's logs in MLflow. Best effort: the job ends either way."""
+        if not job.mlflow_run_id or job.attempts == 0:
+            return
+        try:
+            text = self.ray.logs(ray_id(job))
+            self.tracking.archive_logs(job.mlflow_run_id, job.attempts, text)
+        except Exception as error:  # noqa: BLE001 - Ray or MLflow away: the job still ends
+            _log.warning("could not archive the logs of %s: %s", ray_id(job), error)
 
     def waiting_reason(self, job: Job) -> str | None:
         """Why a job waits, as the loop's latest plan says (planning again for every status
@@ -531,6 +551,7 @@ class Controller:
             note = "" if user_error or not job.max_retries else f" (after {job.retries} retries)"
             self._end(job, JobState.FAILED, reason + note)
             return
+        self._archive_logs(job)
         delay = min(
             self.settings.retry_backoff_s * 2**job.retries, self.settings.retry_backoff_max_s
         )
@@ -561,6 +582,7 @@ class Controller:
         return result
 
     def _end(self, job: Job, state: JobState, reason: str, result: dict | None = None) -> None:
+        self._archive_logs(job)
         fields = {"finished_at": utcnow(), "message": reason}
         if result is not None:
             fields["result"] = result

@@ -168,11 +168,12 @@ def _start_worker_nodes(
     node_env: dict[str, str],
     started: list[int],
 ) -> None:
-    """``count`` more Ray nodes on this machine joining the head, started side by side."""
+    """``count`` more Ray nodes on this machine joining the head, one after the other: raylets
+    registering all at once with a GCS on 2 busy cores time out."""
     env = {**head_env(paths, head.dashboard_url), **node_env}
-    spawned = [_spawn_worker_node(paths, head, index, cpus, env) for index in range(count)]
-    started.extend(process.pid for process, _ in spawned)
-    for index, (process, ready_url) in enumerate(spawned):
+    for index in range(count):
+        process, ready_url = _spawn_worker_node(paths, head, index, cpus, env)
+        started.append(process.pid)
         wait_ready(process, paths, f"ray-worker-{index}", ready_url)
 
 

@@ -50,6 +50,10 @@ class ModelVersionView:
     model_id: str | None = None  # MLflow's logged model, which evaluation metrics link to
 
 
+def _log_path(attempt: int) -> str:
+    return f"logs/attempt-{attempt}.txt"
+
+
 class Tracking:
     def __init__(self, tracking_uri: str, artifact_root: str | Path | None = None) -> None:
         self.uri = tracking_uri
@@ -138,6 +142,23 @@ class Tracking:
         """A retried job logs into its run again."""
         with self._writes:
             self.client.update_run(run_id, status="RUNNING")
+
+    def archive_logs(self, run_id: str, attempt: int, text: str) -> None:
+        """An attempt's Ray logs as an artifact of the job's run: Ray forgets finished jobs
+        (a new head, a cleanup), MLflow keeps them."""
+        with self._writes:
+            self.client.log_text(run_id, text, _log_path(attempt))
+
+    def archived_logs(self, run_id: str, attempt: int) -> str | None:
+        """The logs ``archive_logs`` kept for that attempt, or None."""
+        import mlflow.artifacts
+
+        try:
+            return mlflow.artifacts.load_text(
+                f"runs:/{run_id}/{_log_path(attempt)}", tracking_uri=self.uri
+            )
+        except (MlflowException, OSError):
+            return None
 
     def delete_run(self, run_id: str) -> None:
         with self._writes:

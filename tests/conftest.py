@@ -20,9 +20,10 @@ import pytest
 import yaml
 
 from service.client import ApiClient
+from service.config import StatePaths
 from service.ports import free_port
 from service.postgres import create_database, postgres_bin, postgres_server
-from service.stack import answers
+from service.stack import answers, ray_auth_env
 from tests.s3 import S3Endpoint, s3_server
 from tests.user_images import fill_bucket
 
@@ -84,6 +85,20 @@ class SecondController:
         return job
 
 
+def python_with_ray_token(home: Path, env: dict[str, str], code: str, *args: str) -> str:
+    """Run ``code`` in a Python process holding the Ray token of the stack in ``home``, as
+    every client of its Ray cluster must; its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env={**env, **ray_auth_env(StatePaths(home))},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return result.stdout
+
+
 class Stack:
     """A running embedded stack in its own state folder, driven through the real CLI."""
 
@@ -112,6 +127,9 @@ class Stack:
         return subprocess.run(
             [SELFSUP, *args], env=env, capture_output=True, text=True, timeout=timeout
         )
+
+    def python(self, code: str, *args: str) -> str:
+        return python_with_ray_token(self.home, self.env, code, *args)
 
     @property
     def tracking_uri(self) -> str:

@@ -112,3 +112,22 @@ def test_invalid_spec_is_refused_and_nothing_is_stored(stack: Stack, tmp_path: P
     assert "train.batch_size" in result.stderr and "Traceback" not in result.stderr
     assert stack.cli("job", "list", "-o", "json", check=True).stdout == before_jobs
     assert len(client.search_runs(client.search_experiments()[0].experiment_id)) == before_runs
+
+
+def test_job_logs_outlive_ray_forgetting_the_job(stack: Stack, finished_job: dict) -> None:
+    """The controller keeps each attempt's logs in the job's MLflow run as it ends: when Ray
+    no longer knows the job (here: its record deleted through the Jobs API), `selfsup job
+    logs` still shows them."""
+    job_id = finished_job["id"]
+    from_ray = stack.cli("job", "logs", job_id, check=True).stdout
+    assert f'"job_id": "{job_id}"' in from_ray  # the driver's last line
+    archived = MlflowClient(stack.tracking_uri).download_artifacts(
+        finished_job["mlflow_run_id"], "logs/attempt-1.txt", str(stack.home / "logs-check")
+    )
+    assert Path(archived).read_text() == from_ray
+    forget = (
+        "import sys; from ray.job_submission import JobSubmissionClient; "
+        "assert JobSubmissionClient(sys.argv[1]).delete_job(sys.argv[2])"
+    )
+    stack.python(forget, stack.info["dashboard_url"], f"{job_id}-1")
+    assert stack.cli("job", "logs", job_id, check=True).stdout == from_ray

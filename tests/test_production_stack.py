@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,11 +32,9 @@ from mlflow.tracking import MlflowClient
 from pipelines.sources import Catalog, ImageSource
 from pipelines.user_data import catalog_labels
 from service.client import ApiClient
-from service.config import StatePaths
 from service.postgres import postgres_bin
 from service.production import BUCKET, WORKER_RESOURCE
-from service.stack import ray_auth_env
-from tests.conftest import SELFSUP
+from tests.conftest import SELFSUP, python_with_ray_token
 from tests.processes import find
 from tests.s3 import S3Endpoint
 from tests.train_loop_runs import assert_loads_and_reproduces
@@ -178,15 +175,9 @@ def _ray_job_records(production: Production) -> str:
         "import sys; from ray.job_submission import JobSubmissionClient; "
         "print(JobSubmissionClient(sys.argv[1]).list_jobs())"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script, production.info["dashboard_url"]],
-        env={**production.env, **ray_auth_env(StatePaths(production.home))},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    return python_with_ray_token(
+        production.home, production.env, script, production.info["dashboard_url"]
     )
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
