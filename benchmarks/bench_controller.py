@@ -237,7 +237,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     apis = [
-        bench_api(backend, args.submissions, args.clients) for backend in args.backends.split(",")
+        bench_api(backend, args.submissions, args.clients)
+        for backend in args.backends.split(",")
+        if backend  # --backends "" measures the scheduler alone
     ]
     scheduler = bench_scheduler(args.queued, args.repeats)
     print(json.dumps({"api": apis, "scheduler": scheduler}, indent=2))
