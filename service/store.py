@@ -60,7 +60,7 @@ ACTIVE_STATES = frozenset({JobState.STARTING, JobState.RUNNING})
 
 @dataclass(frozen=True, slots=True)
 class Admissible:
-    """What admission reads of a job (service/scheduler.py's Schedulable)."""
+    """What admission reads of a job (service/scheduler.py plans with these)."""
 
     id: str
     owner: str
