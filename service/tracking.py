@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow.entities import Param, RunStatus
 from mlflow.exceptions import MlflowException
@@ -151,14 +153,12 @@ class Tracking:
 
     def archived_logs(self, run_id: str, attempt: int) -> str | None:
         """The logs ``archive_logs`` kept for that attempt, or None."""
-        import mlflow.artifacts
-
-        try:
-            return mlflow.artifacts.load_text(
-                f"runs:/{run_id}/{_log_path(attempt)}", tracking_uri=self.uri
-            )
-        except (MlflowException, OSError):
-            return None
+        with tempfile.TemporaryDirectory(prefix="selfsup-logs-") as scratch:
+            try:
+                path = self.client.download_artifacts(run_id, _log_path(attempt), scratch)
+                return Path(path).read_text()
+            except (MlflowException, OSError):
+                return None
 
     def delete_run(self, run_id: str) -> None:
         with self._writes:
@@ -205,15 +205,15 @@ class Accounts:
     (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in this process's environment).
 
     selfsup's rule: a registered model is written (new versions, aliases) only by the users
-    granted it, who are the owners of the jobs that registered it, and by admins."""
+    granted it, who are the owners of the jobs that registered it, and by admins.
+
+    The app's REST API is called directly: MLflow's own client for it imports the whole
+    server package (~4 s), which `selfsup token create` would pay on every call."""
 
     WRITE = ("EDIT", "MANAGE")
 
     def __init__(self, tracking_uri: str) -> None:
-        # Imported here: it loads MLflow's server package (~4 s), needed only with auth on.
-        from mlflow.server.auth.client import AuthServiceClient
-
-        self.client = AuthServiceClient(tracking_uri)
+        self.uri = tracking_uri
         self.tracking = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     @staticmethod
@@ -223,16 +223,26 @@ class Accounts:
             env.get("MLFLOW_TRACKING_USERNAME")
         )
 
+    def _call(self, method: str, endpoint: str, **request: Any) -> dict[str, Any]:
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        response = http_request(get_default_host_creds(self.uri), endpoint, method, **request)
+        verify_rest_response(response, endpoint)
+        return response.json() if response.content else {}
+
     def set_password(self, user: str, password: str, admin: bool) -> None:
         """Make ``user``'s account, or give the one there this password; and the role."""
+        account = {"username": user, "password": password}
         try:
             try:
-                self.client.create_user(user, password)
+                self._call("POST", "/api/2.0/mlflow/users/create", json=account)
             except MlflowException as error:
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-                self.client.update_user_password(user, password)
-            self.client.update_user_admin(user, admin)
+                self._call("PATCH", "/api/2.0/mlflow/users/update-password", json=account)
+            role = {"username": user, "is_admin": admin}
+            self._call("PATCH", "/api/2.0/mlflow/users/update-admin", json=role)
         except MlflowException as error:
             raise TrackingError(f"cannot set up the MLflow account {user}: {error}") from None
 
@@ -244,15 +254,22 @@ class Accounts:
             if error.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return True
             raise
+        query = {"username": user, "resource_type": "registered_model", "resource_id": model}
         try:
-            found = self.client.get_user_permission(user, "registered_model", model)
+            found = self._call("GET", "/api/3.0/mlflow/users/permissions/get", params=query)
         except MlflowException as error:
             if error.error_code == "RESOURCE_DOES_NOT_EXIST":  # no MLflow account at all
                 return False
             raise
-        return found.permission in self.WRITE
+        return found.get("permission") in self.WRITE
 
     def grant_model(self, user: str, model: str) -> None:
         """Let ``user`` write ``model`` (MANAGE: versions, aliases, and who else may)."""
         if not self.may_write_model(user, model):
-            self.client.grant_user_permission(user, "registered_model", model, "MANAGE")
+            grant = {
+                "username": user,
+                "resource_type": "registered_model",
+                "resource_id": model,
+                "permission": "MANAGE",
+            }
+            self._call("POST", "/api/3.0/mlflow/users/permissions/grant", json=grant)

@@ -126,16 +126,24 @@ def test_init_refuses_an_unknown_method_and_an_existing_file(stack: Stack, tmp_p
 
 def test_spec_validate_runs_the_submit_checks_and_stores_nothing(stack: Stack, tmp_path: Path):
     before = json.loads(stack.cli("job", "list", "--all", "-o", "json", check=True).stdout)
-    checked = stack.cli("spec", "validate", str(TINY), "--set", "resources.workers=1")
+    checked = stack.cli(
+        "spec",
+        "validate",
+        str(TINY),
+        "--set",
+        "resources.workers=2",
+        "--set",
+        "resources.cpus_per_worker=1",
+    )
     assert checked.returncode == 0, checked.stderr
     assert (
-        "valid (tiny-pca: 1 workers" in checked.stdout and "nothing was submitted" in checked.stdout
+        "valid (tiny-pca: 2 workers" in checked.stdout and "nothing was submitted" in checked.stdout
     )
     as_json = json.loads(stack.cli("spec", "validate", str(TINY), "-o", "json", check=True).stdout)
-    assert as_json["workers"] == 2 and as_json["spec"]["method"]["name"] == "pca"
+    assert as_json["workers"] == 1 and as_json["spec"]["method"]["name"] == "pca"
 
     too_big = stack.cli("spec", "validate", str(TINY), "--set", "resources.cpus_per_worker=64")
-    assert too_big.returncode == 2 and "resources: the job needs 128 CPUs" in too_big.stderr
+    assert too_big.returncode == 2 and "resources: the job needs 64 CPUs" in too_big.stderr
     missing = tmp_path / "missing-data.yaml"
     missing.write_text(TINY.read_text().replace("builtin:digits", f"file://{tmp_path}/none"))
     unreadable = stack.cli("spec", "validate", str(missing))

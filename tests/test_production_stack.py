@@ -29,7 +29,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.sources import Catalog, ImageSource
+from pipelines.sources import Catalog, ImageSource, _s3_client
 from pipelines.user_data import catalog_labels
 from service.client import ApiClient
 from service.postgres import postgres_bin
@@ -234,9 +234,15 @@ def test_a_pirl_job_survives_a_lost_worker_node_and_a_killed_controller(
     run = client.get_run(job["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     (resume,) = client.get_metric_history(run.info.run_id, "train.resumed_from_epoch")
-    for name, value in production.s3.env.items():  # to list the bucket from here
+    # The bucket listed from here, as the driver listed it. The S3 client is one per process,
+    # made from the environment: it is made again for this endpoint and forgotten after.
+    for name, value in production.s3.env.items():
         monkeypatch.setenv(name, value)
-    catalog = Catalog.list(ImageSource.parse(job["bucket"]))
+    _s3_client.cache_clear()
+    try:
+        catalog = Catalog.list(ImageSource.parse(job["bucket"]))
+    finally:
+        _s3_client.cache_clear()
     train = split_samples(len(catalog.keys), catalog_labels(catalog), 0.25, 0).train
     steps_per_epoch = len(train) // 2 // 32  # 2 ranks, 32 images each a step
     assert resume.step == (int(resume.value) + 1) * steps_per_epoch
@@ -330,11 +336,16 @@ def test_no_secret_reaches_what_users_and_operators_read(
 def test_a_gang_wider_than_the_training_nodes_is_refused_at_submit(
     production: Production, tmp_path: Path
 ) -> None:
-    """Four one-CPU workers fit the cluster's 4 CPUs, but only the three worker nodes train."""
+    """As many one-CPU workers as the cluster has CPUs fit them, but the head's CPU does not
+    train: the gang is refused for the worker nodes' units (however many nodes are left)."""
+    bob = production.user("bob")
+    cluster = json.loads(production.checked("queue", "-o", "json", env=bob))["cluster"]
     document = yaml.safe_load(PCA_DIGITS.read_text())
-    document["resources"] |= {"workers": 4}
+    document["resources"] |= {"workers": int(cluster["cpus"])}
+    document["train"]["batch_size"] = 64 * int(cluster["cpus"])
     spec = tmp_path / "wide.yaml"
     spec.write_text(json.dumps(document))
-    refused = production.cli("job", "submit", str(spec), env=production.user("bob"))
+    refused = production.cli("job", "submit", str(spec), env=bob)
     assert refused.returncode == 2, refused
-    assert f"offering {WORKER_RESOURCE}); the cluster's have 3" in refused.stderr
+    units = int(cluster["cpus"]) - 1  # every CPU but the head's
+    assert f"offering {WORKER_RESOURCE}); the cluster's have {units}" in refused.stderr
