@@ -73,7 +73,7 @@ def pretrain(
         run_config=RunConfig(
             name=job_id,
             storage_path=storage_path,  # a folder, or a URI such as s3://bucket/prefix
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
         ),
         **data_options,

@@ -274,6 +274,8 @@ class TrainSpec(Section):
     channels_last: bool = False  # NHWC memory layout for convolutional encoders
     compile: bool = False  # torch.compile the encoder
     sync_batchnorm: bool = False  # BatchNorm statistics over the global batch
+    # Checkpoints kept while the job runs: the latest N (resume reads the latest).
+    keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
 
 
 class ResourcesSpec(Section):
@@ -400,6 +402,7 @@ class JobSpec(Section):
         dependencies, nor the CPUs that decode the data)."""
         shaping = self._document({"priority", "max_retries", "registration", "depends_on"})
         shaping["resources"].pop("data_cpus", None)
+        shaping["train"].pop("keep_checkpoints")  # what is kept on disk, not what trains
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -16,7 +16,7 @@ import math
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
@@ -25,6 +25,7 @@ from pipelines import tags
 from pipelines.sources import source_problems
 from pipelines.spec import JobSpec, SpecError, load_spec_text, parse_spec
 from service.auth import Principal
+from service.checkpoints import delete_checkpoints
 from service.ray_jobs import RayJobPhase, RayJobs, submission_id
 from service.scheduler import Plan, Policy, Resources, plan
 from service.settings import ServerSettings
@@ -38,6 +39,8 @@ RUNS_PER_TURN_S = 0.5  # at most this long making new jobs' MLflow runs in one t
 # ... and only once no submit came for this long: the runs are Python-heavy work that would
 # share the interpreter with a burst of submits and slow every answer down.
 SUBMITS_QUIET_S = 0.2
+CHECKPOINT_GC_EVERY_S = 3600.0  # how often the loop looks for checkpoints past retention
+CHECKPOINTS_COLLECTED_UNTIL = "checkpoints.collected_until"  # the store flag: an ISO time
 
 
 def ray_id(job: Job) -> str:
@@ -91,6 +94,7 @@ class Controller:
         self.ray = RayJobs(settings.ray_dashboard_url)
         self._lock = threading.RLock()  # pairs a state change with its Ray call
         self._last_submit = 0.0  # time.monotonic() of the latest submit
+        self._last_checkpoint_gc = -math.inf  # time.monotonic() of the latest collection
         self._capacity: tuple[float, Resources, float] | None = None
         self._waiting: dict[str, str] = {}  # job id -> why it waits, from the latest plan
 
@@ -344,6 +348,9 @@ class Controller:
                         CONTROLLER,
                         "backoff over: requeued",
                     )
+            if time.monotonic() - self._last_checkpoint_gc > CHECKPOINT_GC_EVERY_S:
+                self._last_checkpoint_gc = time.monotonic()
+                self.collect_checkpoints(now)
             held, broken = self._dependencies()
             for job_id, reason in broken.items():
                 self._fail_queued(job_id, reason)
@@ -381,6 +388,28 @@ class Controller:
                 what = ", ".join(f"{d} ({states[d]})" for d in pending)
                 held[job_id] = f"waits for {what} to succeed (depends_on)"
         return held, broken
+
+    def collect_checkpoints(self, now: datetime) -> list[str]:
+        """Delete the checkpoints of jobs that ended more than ``checkpoint_retention_days``
+        ago (since the last collection: the store keeps how far it got); the ids deleted. A
+        job retried later starts from scratch. Registered encoders are MLflow's artifacts,
+        elsewhere: untouched."""
+        days = self.settings.checkpoint_retention_days
+        if days is None:
+            return []
+        cutoff = now - timedelta(days=days)
+        mark = self.store.flag(CHECKPOINTS_COLLECTED_UNTIL)
+        since = datetime.fromisoformat(mark) if mark else datetime(1970, 1, 1, tzinfo=UTC)
+        deleted = []
+        for job_id in self.store.finished_between(since, cutoff):
+            try:
+                if delete_checkpoints(self.settings.storage_path, job_id):
+                    deleted.append(job_id)
+            except OSError as error:  # storage away: the next collection tries again
+                _log.warning("could not delete the checkpoints of %s: %s", job_id, error)
+                return deleted
+        self.store.set_flag(CHECKPOINTS_COLLECTED_UNTIL, cutoff.isoformat())
+        return deleted
 
     def _fail_queued(self, job_id: str, reason: str) -> None:
         """A queued job that will never be admitted: FAILED with the reason, its run too."""

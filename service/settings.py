@@ -76,6 +76,9 @@ class ServerSettings(BaseModel):
     watchdog_s: Annotated[float, Field(gt=0)] = 900.0  # no training progress this long: retry
     retry_backoff_s: Annotated[float, Field(ge=0)] = 10.0  # doubled for each further retry
     retry_backoff_max_s: Annotated[float, Field(ge=0)] = 600.0
+    # A finished job's checkpoints (<storage_path>/<job id>) are deleted this many days after
+    # it ended; None keeps them. Registered encoders live in MLflow's artifacts: never touched.
+    checkpoint_retention_days: Annotated[float, Field(gt=0)] | None = None
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))

@@ -250,6 +250,17 @@ class JobStore:
             # several times, and a SQLAlchemy Row's attribute lookup costs twice as much.
             return [Admissible(*row) for row in connection.execute(query)]
 
+    def finished_between(self, start: datetime, end: datetime) -> list[str]:
+        """Ids of the jobs that ended (and stayed ended) in [start, end)."""
+        if self.engine.dialect.name == "sqlite":  # it keeps naive UTC text
+            start, end = (moment.astimezone(UTC).replace(tzinfo=None) for moment in (start, end))
+        final = [str(state) for state in JobState if state.is_final]
+        query = select(Job.id).where(
+            Job.state.in_(final), Job.finished_at >= start, Job.finished_at < end
+        )
+        with self.engine.connect() as connection:
+            return list(connection.scalars(query))
+
     def dependencies(self) -> dict[str, list[str]]:
         """Queued job id -> the ids of the jobs it waits for, for the queued jobs that wait."""
         query = select(Job.id, Job.depends_on).where(

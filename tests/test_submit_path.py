@@ -5,17 +5,18 @@ so no job is handed to Ray."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.spec import SpecError
+from pipelines.spec import SpecError, apply_overrides, load_spec_text
 from service import controller as controller_module
 from service.auth import USER, Principal
 from service.controller import PAUSED_FLAG, Controller
 from service.settings import ServerSettings
-from service.store import JobState
+from service.store import JobState, utcnow
 
 TINY = (Path(__file__).parent / "specs" / "tiny-pca.yaml").read_text()
 ALICE = Principal("alice", USER)
@@ -112,3 +113,34 @@ def test_a_job_waits_for_its_dependencies_and_fails_with_theirs(
     assert run.info.status == "FAILED"
     with pytest.raises(SpecError, match="is CANCELLED: it will not succeed"):
         controller.submit(ALICE, TINY + f"depends_on: [{doomed_dependency.id}]\n")
+
+
+def test_checkpoints_past_retention_are_deleted_once(tmp_path: Path) -> None:
+    """With ``checkpoint_retention_days``, the loop deletes <storage_path>/<job id> of jobs that
+    ended longer ago than that, each once (the store keeps how far it got); recent, queued
+    and unknown folders stay. How many checkpoints a job keeps while it runs is its spec's
+    ``train.keep_checkpoints``, which is not part of what its config hash says trains."""
+    controller = paused_controller(tmp_path)
+    controller.settings = controller.settings.model_copy(update={"checkpoint_retention_days": 7})
+    old, _ = controller.submit(ALICE, TINY)
+    recent, _ = controller.submit(ALICE, TINY)
+    queued, _ = controller.submit(ALICE, TINY)
+    for job in (old, recent):
+        controller.cancel(ALICE, job.id)
+    now = utcnow()
+    controller.store.update(old.id, finished_at=now - timedelta(days=10))
+    storage = Path(controller.settings.storage_path)
+    for name in (old.id, recent.id, queued.id, "not-a-job"):
+        (storage / name / "checkpoint_000000").mkdir(parents=True)
+        (storage / name / "checkpoint_000000" / "state.pt").write_bytes(b"state")
+
+    assert controller.collect_checkpoints(now) == [old.id]
+    assert not (storage / old.id).exists()
+    assert all((storage / name).is_dir() for name in (recent.id, queued.id, "not-a-job"))
+    assert controller.collect_checkpoints(now) == []  # nothing new has passed retention
+    # Ten days on, the recent one has too.
+    assert controller.collect_checkpoints(now + timedelta(days=10)) == [recent.id]
+
+    kept = load_spec_text(apply_overrides(TINY, ["train.keep_checkpoints=5"]))
+    assert kept.train.keep_checkpoints == 5
+    assert kept.config_hash() == load_spec_text(TINY).config_hash()
