@@ -95,30 +95,26 @@ class Controller:
         self._lock = threading.RLock()  # pairs a state change with its Ray call
         self._last_submit = 0.0  # time.monotonic() of the latest submit
         self._last_checkpoint_gc = -math.inf  # time.monotonic() of the latest collection
-        self._capacity: tuple[float, Resources, float] | None = None
+        self._capacity: tuple[float, Resources] | None = None
         self._waiting: dict[str, str] = {}  # job id -> why it waits, from the latest plan
 
     # ---- the cluster ------------------------------------------------------------------------
 
     def capacity(self) -> Resources:
-        """The cluster's whole size (settings first, else Ray's live nodes), briefly cached."""
-        return self._cluster()[0]
-
-    def _cluster(self) -> tuple[Resources, float]:
-        """The cluster's size, and how many units of the settings' worker_resource it offers
-        (infinite without one): Train workers fit only there."""
+        """The cluster's whole size (settings first, else Ray's live nodes), briefly cached,
+        with the units of the settings' worker_resource that the nodes that train offer."""
         now = time.monotonic()
         if self._capacity is None or now - self._capacity[0] > CAPACITY_REFRESH_S:
             cpus, gpus = self.settings.cluster_cpus, self.settings.cluster_gpus
-            units = math.inf
+            units = math.inf  # no worker_resource: any node trains
             if cpus is None or gpus is None or self.settings.worker_resource:
                 totals = self.ray.cluster_resources()
                 cpus = totals.get("CPU", 0.0) if cpus is None else cpus
                 gpus = totals.get("GPU", 0.0) if gpus is None else gpus
                 if self.settings.worker_resource:
                     units = totals.get(self.settings.worker_resource, 0.0)
-            self._capacity = (now, Resources(cpus, gpus), units)
-        return self._capacity[1], self._capacity[2]
+            self._capacity = (now, Resources(cpus, gpus, units))
+        return self._capacity[1]
 
     def policy(self) -> Policy:
         return Policy(
@@ -140,8 +136,8 @@ class Controller:
         if problems := data_problems(spec) + self._dependency_problems(principal, spec):
             raise SpecError(problems)
         cpus, gpus = gang_resources(spec)
-        total, units = self._cluster()
-        if not Resources(cpus, gpus).fits_within(total):
+        total = self.capacity()
+        if cpus > total.cpus + 1e-9 or gpus > total.gpus + 1e-9:
             raise SpecError(
                 [
                     (
@@ -152,13 +148,14 @@ class Controller:
                 ]
             )
         asked = spec.resources.workers * spec.resources.cpus_per_worker
-        if asked > units + 1e-9:
+        if asked > total.training_cpus + 1e-9:
             raise SpecError(
                 [
                     (
                         "resources",
                         f"the gang's workers take {asked:g} CPUs at once on nodes that train "
-                        f"(offering {self.settings.worker_resource}); the cluster's have {units:g}",
+                        f"(offering {self.settings.worker_resource}); the cluster's have "
+                        f"{total.training_cpus:g}",
                     )
                 ]
             )
@@ -185,6 +182,7 @@ class Controller:
             workers=spec.resources.workers,
             cpus=cpus,
             gpus=gpus,
+            worker_cpus=spec.resources.workers * spec.resources.cpus_per_worker,
             max_retries=spec.max_retries,
             depends_on=" ".join(spec.depends_on) or None,
             created_at=now,

@@ -12,6 +12,7 @@ users, not about the cluster.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,19 +22,31 @@ from service.store import Admissible, aware
 Schedulable = Admissible  # what admission reads of a job; the tests pass look-alikes
 
 
+def _training_cpus(job: Schedulable) -> float:
+    """The CPUs the job's Train workers take on the nodes that train."""
+    return job.cpus if job.worker_cpus is None else job.worker_cpus
+
+
 @dataclass(frozen=True)
 class Resources:
+    """What the cluster has (or has free): CPUs, GPUs, and ``training_cpus``, the units of
+    the settings' worker_resource that the nodes that train offer (unlimited without one)."""
+
     cpus: float
     gpus: float
+    training_cpus: float = math.inf
 
     def fits(self, job: Schedulable) -> bool:
-        return Resources(job.cpus, job.gpus).fits_within(self)
-
-    def fits_within(self, total: Resources) -> bool:
-        return self.cpus <= total.cpus + 1e-9 and self.gpus <= total.gpus + 1e-9
+        return (
+            job.cpus <= self.cpus + 1e-9
+            and job.gpus <= self.gpus + 1e-9
+            and _training_cpus(job) <= self.training_cpus + 1e-9
+        )
 
     def minus(self, job: Schedulable) -> Resources:
-        return Resources(self.cpus - job.cpus, self.gpus - job.gpus)
+        return Resources(
+            self.cpus - job.cpus, self.gpus - job.gpus, self.training_cpus - _training_cpus(job)
+        )
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,11 @@ def plan(
                 f"at once; free now {max(free.cpus, 0):g} CPUs and {max(free.gpus, 0):g} GPUs "
                 f"of {total.cpus:g} and {total.gpus:g}"
             )
+            if _training_cpus(job) > free.training_cpus + 1e-9:
+                result.waiting[job.id] += (
+                    f"; its workers need {_training_cpus(job):g} CPUs on the nodes that train, "
+                    f"{max(free.training_cpus, 0):g} free there of {total.training_cpus:g}"
+                )
         else:
             result.admit.append(job)
             free = free.minus(job)

@@ -69,6 +69,7 @@ class Admissible:
     workers: int
     cpus: float
     gpus: float
+    worker_cpus: float | None  # on the nodes that train; None (older jobs): all of ``cpus``
 
 
 def utcnow() -> datetime:
@@ -101,6 +102,8 @@ class Job(Base):
     workers: Mapped[int] = mapped_column(Integer)
     cpus: Mapped[float] = mapped_column(Float)
     gpus: Mapped[float] = mapped_column(Float)
+    # The Train workers' share of ``cpus`` (migration 0004; None for older jobs).
+    worker_cpus: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # hand-overs to Ray
     retries: Mapped[int] = mapped_column(Integer, default=0)  # automatic retries used
     max_retries: Mapped[int] = mapped_column(Integer, default=0)
@@ -243,7 +246,14 @@ class JobStore:
     def schedulable(self, states: Iterable[JobState]) -> list[Admissible]:
         """The jobs in ``states`` with just what admission reads (not their specs)."""
         query = select(
-            Job.id, Job.owner, Job.priority, Job.created_at, Job.workers, Job.cpus, Job.gpus
+            Job.id,
+            Job.owner,
+            Job.priority,
+            Job.created_at,
+            Job.workers,
+            Job.cpus,
+            Job.gpus,
+            Job.worker_cpus,
         ).where(Job.state.in_([str(state) for state in states]))
         with self.engine.connect() as connection:
             # Plain tuples into slotted objects: the planner reads each field of 10,000 jobs

@@ -3,6 +3,7 @@ caps, and a reason for every job that waits."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -23,6 +24,7 @@ class FakeJob:  # the scheduler's Schedulable protocol; the store's Job has the 
     workers: int = 1
     cpus: float = 1.0
     gpus: float = 0.0
+    worker_cpus: float | None = None
 
 
 def test_priority_then_age() -> None:
@@ -70,6 +72,22 @@ def test_per_user_cap_holds_back_only_that_user() -> None:
     assert "per-user cap of 2" in result.waiting["a2"]
 
 
+def test_training_cpus_are_counted_apart_when_only_some_nodes_train() -> None:
+    """A head with 1 CPU and three one-CPU worker nodes: 4 CPUs, 3 of them train. Two gangs
+    of two one-CPU workers fit the CPUs but not the training nodes: the second waits."""
+    total = Resources(4, 0, training_cpus=3)
+    first = FakeJob("first", workers=2, cpus=2, worker_cpus=2)
+    second = FakeJob("second", workers=2, cpus=2, worker_cpus=2)
+    result = plan([first, second], [], total, Policy(aging_per_minute=0), NOW)
+    assert [job.id for job in result.admit] == ["first"]
+    assert (
+        "its workers need 2 CPUs on the nodes that train, 1 free there of 3"
+        in (result.waiting["second"])
+    )
+    older = FakeJob("older", cpus=3)  # stored before worker_cpus: all its CPUs count
+    assert not Resources(4, 0, training_cpus=2).fits(older)
+
+
 def test_paused_queue_admits_nothing() -> None:
     result = plan([FakeJob("j")], [], Resources(8, 0), Policy(paused=True), NOW)
     assert result.admit == [] and "paused" in result.waiting["j"]
@@ -84,6 +102,7 @@ job_strategy = st.builds(
     workers=st.integers(1, 4),
     cpus=st.sampled_from([0.5, 1.0, 2.0, 3.0, 4.0]),
     gpus=st.sampled_from([0.0, 0.0, 1.0, 2.0]),
+    worker_cpus=st.one_of(st.none(), st.sampled_from([0.5, 1.0, 2.0])),
 )
 
 
@@ -94,11 +113,17 @@ job_strategy = st.builds(
     cpus=st.sampled_from([2.0, 4.0, 8.0, 16.0]),
     gpus=st.sampled_from([0.0, 1.0, 4.0]),
     cap=st.one_of(st.none(), st.integers(1, 8)),
+    training=st.sampled_from([math.inf, 1.0, 3.0, 8.0]),
 )
 def test_plan_never_overcommits_and_explains_every_wait(
-    waiting: list[FakeJob], running: list[FakeJob], cpus: float, gpus: float, cap: int | None
+    waiting: list[FakeJob],
+    running: list[FakeJob],
+    cpus: float,
+    gpus: float,
+    cap: int | None,
+    training: float,
 ) -> None:
-    total = Resources(cpus, gpus)
+    total = Resources(cpus, gpus, training)
     result = plan(waiting, running, total, Policy(max_workers_per_user=cap), NOW)
     admitted_ids = {job.id for job in result.admit}
     # Every queued job is either admitted whole or has a reason, never both.
@@ -107,9 +132,15 @@ def test_plan_never_overcommits_and_explains_every_wait(
     # What runs after admission fits beside what ran before it (a gang fits whole or waits).
     used_cpus = sum(job.cpus for job in running)
     used_gpus = sum(job.gpus for job in running)
-    if used_cpus <= cpus and used_gpus <= gpus:
+
+    def trains(job: FakeJob) -> float:
+        return job.cpus if job.worker_cpus is None else job.worker_cpus
+
+    used_training = sum(trains(job) for job in running)
+    if used_cpus <= cpus and used_gpus <= gpus and used_training <= training:
         assert used_cpus + sum(j.cpus for j in result.admit) <= cpus + 1e-9
         assert used_gpus + sum(j.gpus for j in result.admit) <= gpus + 1e-9
+        assert used_training + sum(trains(j) for j in result.admit) <= training + 1e-9
     # No user passes the cap through what is admitted now.
     if cap is not None:
         for owner in {job.owner for job in result.admit}:

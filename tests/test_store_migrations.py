@@ -107,6 +107,7 @@ def test_a_release_0_1_0_store_is_upgraded_with_every_row_kept(
         assert (job.owner, job.state, job.message) == (owner, (states or ["QUEUED"])[-1], message)
         assert [t.to_state for t in store.transitions(job_id)] == ["QUEUED", *states]
         assert job.depends_on is None  # 0003's column: an older job waits for no other
+        assert job.worker_cpus is None  # 0004's: admission counts all of an older job's CPUs
     for token, (user, role) in TOKENS.items():
         principal = authenticate(store, f"Bearer {token}")
         assert (principal.user, principal.role) == (user, role)
