@@ -103,6 +103,7 @@ JOB_FIELDS = (
     "started",
     "finished",
     "waiting",
+    "estimated_start",
     "message",
     "mlflow_run_id",
     "run_url",

@@ -79,6 +79,11 @@ def job_view(controller: Controller, job: Job, detail: bool = False) -> dict[str
         progress = controller.progress(job)
         view |= {
             "waiting": controller.waiting_reason(job),
+            "estimated_start": (
+                start.isoformat(timespec="seconds")
+                if (start := controller.estimated_start(job))
+                else None
+            ),
             "progress": asdict(progress) if progress else None,
             "epochs": job.spec["train"]["epochs"],
             "run_url": controller.run_url(job),

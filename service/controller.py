@@ -27,7 +27,7 @@ from pipelines.spec import JobSpec, SpecError, load_spec_text, parse_spec
 from service.auth import Principal
 from service.checkpoints import delete_checkpoints
 from service.ray_jobs import RayJobPhase, RayJobs, submission_id
-from service.scheduler import Plan, Policy, Resources, plan
+from service.scheduler import Plan, Policy, Resources, end_estimate, plan, start_estimate
 from service.settings import ServerSettings
 from service.store import ACTIVE_STATES, Job, JobState, JobStore, aware, utcnow
 from service.tracking import Accounts, Progress, Tracking
@@ -97,6 +97,10 @@ class Controller:
         self._last_checkpoint_gc = -math.inf  # time.monotonic() of the latest collection
         self._capacity: tuple[float, Resources] | None = None
         self._waiting: dict[str, str] = {}  # job id -> why it waits, from the latest plan
+        self._epochs_done: dict[
+            str, int
+        ] = {}  # running job id -> epochs ended (the watchdog's read)
+        self._estimated_start: dict[str, datetime] = {}  # the first job waiting for capacity
 
     # ---- the cluster ------------------------------------------------------------------------
 
@@ -335,8 +339,11 @@ class Controller:
         self._open_runs()
         with self._lock:
             now = utcnow()
-            for job in self.store.list(ACTIVE_STATES):
+            active = self.store.list(ACTIVE_STATES)
+            for job in active:
                 self._reconcile(job, now)
+            running = {job.id for job in active}
+            self._epochs_done = {k: v for k, v in self._epochs_done.items() if k in running}
             for job in self.store.list([JobState.RETRYING]):
                 if job.not_before is None or aware(job.not_before) <= now:
                     self.store.transition(
@@ -358,6 +365,7 @@ class Controller:
                 job = self.store.get(admitted.id)
                 if job is not None:
                     self._start(job)
+            self._estimate_start(decision, now)
 
     def plan(self, held: dict[str, str] | None = None) -> Plan:
         return plan(
@@ -368,6 +376,36 @@ class Controller:
             utcnow(),
             held,
         )
+
+    def _estimate_start(self, decision: Plan, now: datetime) -> None:
+        """When the first job that waits for capacity should start, from the running jobs'
+        progress (scheduler.start_estimate); noted in its waiting reason."""
+        self._estimated_start = {}
+        blocked = decision.blocked
+        if blocked is None or decision.free is None:
+            return
+        ending = [
+            (
+                end_estimate(
+                    aware(job.started_at or now),
+                    self._epochs_done.get(job.id),
+                    job.spec["train"]["epochs"],
+                    now,
+                ),
+                job,
+            )
+            for job in self.store.list(ACTIVE_STATES)
+        ]
+        start = start_estimate(blocked, decision.free, ending)
+        if start is not None:
+            self._estimated_start[blocked.id] = start
+            self._waiting[blocked.id] += (
+                f"; estimated to start at about {start:%Y-%m-%d %H:%M:%S} UTC, from the running "
+                "jobs' progress"
+            )
+
+    def estimated_start(self, job: Job) -> datetime | None:
+        return self._estimated_start.get(job.id)
 
     def _dependencies(self) -> tuple[dict[str, str], dict[str, str]]:
         """Queued jobs that wait for others (id -> why), and those whose dependency ended
@@ -550,7 +588,10 @@ class Controller:
         stopped and handled as a failure that is not the user's."""
         if not job.mlflow_run_id:
             return
-        step = self.tracking.progress(job.mlflow_run_id).step
+        progress = self.tracking.progress(job.mlflow_run_id)
+        if progress.epoch is not None:
+            self._epochs_done[job.id] = progress.epoch + 1  # train.epoch: the epoch that ended
+        step = progress.step
         if step is not None and step != job.progress_step:
             self.store.update(job.id, progress_step=step, progress_at=now)
             return

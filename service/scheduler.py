@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from service.store import Admissible, aware
 
@@ -48,6 +48,11 @@ class Resources:
             self.cpus - job.cpus, self.gpus - job.gpus, self.training_cpus - _training_cpus(job)
         )
 
+    def plus(self, job: Schedulable) -> Resources:
+        return Resources(
+            self.cpus + job.cpus, self.gpus + job.gpus, self.training_cpus + _training_cpus(job)
+        )
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -60,6 +65,33 @@ class Policy:
 class Plan:
     admit: list[Schedulable] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits
+    blocked: Schedulable | None = None  # the first job that waits for capacity
+    free: Resources | None = None  # what is free once the admitted jobs start
+
+
+def end_estimate(
+    started_at: datetime, epochs_done: int | None, epochs: int, now: datetime
+) -> datetime | None:
+    """When a running job ends if its remaining epochs go as fast as its first ones went
+    (start-up included, so rather late than early); None before an epoch has ended."""
+    if not epochs_done:
+        return None
+    elapsed = max((now - started_at).total_seconds(), 0.0)
+    return now + timedelta(seconds=elapsed * max(epochs - epochs_done, 0) / epochs_done)
+
+
+def start_estimate(
+    job: Schedulable, free: Resources, ending: list[tuple[datetime | None, Schedulable]]
+) -> datetime | None:
+    """When ``job`` fits, if the running jobs end when estimated: the end of the one whose
+    resources complete the gang. None if that one (or one before it) has no estimate yet."""
+    for end, running in sorted(ending, key=lambda pair: (pair[0] is None, pair[0] or 0)):
+        if end is None:
+            return None
+        free = free.plus(running)
+        if free.fits(job):
+            return end
+    return None
 
 
 def queue_order(queued: list[Schedulable], now: datetime, policy: Policy) -> list[Schedulable]:
@@ -116,7 +148,7 @@ def plan(
                 "capacity (no job jumps ahead of a gang that does not fit)"
             )
         elif not free.fits(job):
-            blocker = job
+            blocker = result.blocked = job
             result.waiting[job.id] = (
                 f"waiting for capacity: the gang needs {job.cpus:g} CPUs and {job.gpus:g} GPUs "
                 f"at once; free now {max(free.cpus, 0):g} CPUs and {max(free.gpus, 0):g} GPUs "
@@ -131,4 +163,5 @@ def plan(
             result.admit.append(job)
             free = free.minus(job)
             workers_by_owner[job.owner] = owned + job.workers
+    result.free = free
     return result

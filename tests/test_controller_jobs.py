@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -85,6 +86,22 @@ def test_one_gang_at_a_time_in_priority_order(stack: Stack, tmp_path: Path) -> N
     assert starts[10] < starts[5] < starts[0]
 
 
+def assert_a_waiting_job_gets_a_start_estimate(stack: Stack, tmp_path: Path) -> None:
+    """A job that waits for the running one's CPUs is told when it should start, from the
+    running job's epochs so far; it is cancelled again here."""
+    spec = tiny_spec(tmp_path, "waits-behind", 0).read_text()
+    waiting = stack.admin.request("POST", "/v1/jobs", {"spec": spec})
+    deadline = time.monotonic() + 30
+    while not (job := stack.admin.request("GET", f"/v1/jobs/{waiting['id']}"))["estimated_start"]:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+    estimate = datetime.fromisoformat(job["estimated_start"])
+    now = datetime.now(UTC)
+    assert now - timedelta(seconds=5) < estimate < now + timedelta(minutes=10), job
+    assert "estimated to start at about" in job["waiting"] and job["state"] == "QUEUED"
+    stack.admin.request("POST", f"/v1/jobs/{waiting['id']}/cancel")
+
+
 def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -99,6 +116,7 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
     job_id = submit(stack, training_spec(tmp_path, "resume-digits", epochs, max_retries=1))
     runs = stack.home / "runs" / job_id
     wait_for_checkpoints(stack, job_id)
+    assert_a_waiting_job_gets_a_start_estimate(stack, tmp_path)
 
     # Straight through the API (the CLI's own client): a CLI process would start too slowly.
     cancelled = stack.admin.request("POST", f"/v1/jobs/{job_id}/cancel")  # keeps the rest

@@ -10,7 +10,14 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.scheduler import Policy, Resources, plan, queue_order
+from service.scheduler import (
+    Policy,
+    Resources,
+    end_estimate,
+    plan,
+    queue_order,
+    start_estimate,
+)
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
@@ -86,6 +93,29 @@ def test_training_cpus_are_counted_apart_when_only_some_nodes_train() -> None:
     )
     older = FakeJob("older", cpus=3)  # stored before worker_cpus: all its CPUs count
     assert not Resources(4, 0, training_cpus=2).fits(older)
+
+
+def test_a_running_jobs_end_is_estimated_from_its_epochs_so_far() -> None:
+    started = NOW - timedelta(minutes=10)
+    assert end_estimate(started, 2, 10, NOW) == NOW + timedelta(minutes=40)  # 5 min an epoch
+    assert end_estimate(started, None, 10, NOW) is None  # no epoch has ended yet
+    assert end_estimate(started, 10, 10, NOW) == NOW
+
+
+def test_the_first_waiting_gang_starts_when_enough_running_jobs_end() -> None:
+    """Free 1 CPU; running jobs of 1 and 2 CPUs end in 5 and 20 minutes: a 3-CPU gang fits
+    once both have ended, a 2-CPU gang after the first; unknown ends give no estimate."""
+    soon, late = NOW + timedelta(minutes=5), NOW + timedelta(minutes=20)
+    small, big = FakeJob("small", cpus=1), FakeJob("big", cpus=2)
+    free = Resources(1, 0)
+    ending = [(late, big), (soon, small)]
+    assert start_estimate(FakeJob("w3", cpus=3), free, ending) == late
+    assert start_estimate(FakeJob("w2", cpus=2), free, ending) == soon
+    assert start_estimate(FakeJob("w4", cpus=4), free, [(None, big), (soon, small)]) is None
+    assert start_estimate(FakeJob("w9", cpus=9), free, ending) is None  # never fits
+    waiting = [FakeJob("wide", cpus=4)]
+    result = plan(waiting, [small, big], Resources(4, 0), Policy(), NOW)
+    assert result.blocked is waiting[0] and result.free == Resources(1, 0)
 
 
 def test_paused_queue_admits_nothing() -> None:
