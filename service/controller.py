@@ -125,6 +125,8 @@ class Controller:
             aging_per_minute=self.settings.aging_per_minute,
             max_workers_per_user=self.settings.max_workers_per_user,
             paused=self.store.flag(PAUSED_FLAG) == "true",
+            fair_share_per_worker=self.settings.fair_share_per_worker,
+            user_weights=self.settings.user_weights,
         )
 
     def set_paused(self, paused: bool) -> None:

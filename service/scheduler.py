@@ -59,6 +59,13 @@ class Policy:
     aging_per_minute: float = 0.1
     max_workers_per_user: int | None = None
     paused: bool = False
+    # Fair share: priority a job loses for each worker its owner already runs, divided by
+    # the owner's weight (1 unless ``user_weights`` says otherwise). 0: no fair share.
+    fair_share_per_worker: float = 0.0
+    user_weights: Mapping[str, float] = field(default_factory=dict)
+
+    def share_penalty(self, owner: str, running_workers: int) -> float:
+        return self.fair_share_per_worker * running_workers / self.user_weights.get(owner, 1.0)
 
 
 @dataclass
@@ -94,18 +101,29 @@ def start_estimate(
     return None
 
 
-def queue_order(queued: list[Schedulable], now: datetime, policy: Policy) -> list[Schedulable]:
-    """Highest effective priority first, then the longest waiting."""
+def queue_order(
+    queued: list[Schedulable],
+    now: datetime,
+    policy: Policy,
+    running_workers: Mapping[str, int] | None = None,
+) -> list[Schedulable]:
+    """Highest effective priority first, then the longest waiting. Effective: the spec's
+    priority, plus aging, minus the owner's fair-share penalty for the workers they run."""
     # SQLite hands back naive UTC times: subtracting from a naive "now" spares a
     # datetime.replace per job, which was most of a decision's time with 10,000 queued.
     now = aware(now)
     naive_now = now.replace(tzinfo=None)
     aging = policy.aging_per_minute
+    penalty = {
+        owner: policy.share_penalty(owner, workers)
+        for owner, workers in (running_workers or {}).items()
+    }
 
     def order(job: Schedulable) -> tuple[float, float]:
         created = job.created_at
         waited_s = ((naive_now if created.tzinfo is None else now) - created).total_seconds()
-        return -(job.priority + aging * max(0.0, waited_s / 60)), -waited_s
+        effective = job.priority + aging * max(0.0, waited_s / 60) - penalty.get(job.owner, 0.0)
+        return -effective, -waited_s
 
     return sorted(queued, key=order)
 
@@ -132,7 +150,8 @@ def plan(
         free = free.minus(job)
         workers_by_owner[job.owner] = workers_by_owner.get(job.owner, 0) + job.workers
     blocker: Schedulable | None = None
-    for position, job in enumerate(queue_order(queued, now, policy), start=1):
+    ordered = queue_order(queued, now, policy, dict(workers_by_owner))
+    for position, job in enumerate(ordered, start=1):
         owned = workers_by_owner.get(job.owner, 0)
         cap = policy.max_workers_per_user
         if job.id in held:

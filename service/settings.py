@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -73,6 +73,10 @@ class ServerSettings(BaseModel):
     tick_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     aging_per_minute: Annotated[float, Field(ge=0)] = 0.1  # priority gained per minute queued
     max_workers_per_user: Annotated[int, Field(gt=0)] | None = None
+    # Fair share between users: priority lost per worker a user already runs, over the
+    # user's weight (user_weights: {"alice": 2.0}; 1 for anyone not named). 0: off.
+    fair_share_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    user_weights: dict[str, Annotated[float, Field(gt=0)]] = {}
     watchdog_s: Annotated[float, Field(gt=0)] = 900.0  # no training progress this long: retry
     retry_backoff_s: Annotated[float, Field(ge=0)] = 10.0  # doubled for each further retry
     retry_backoff_max_s: Annotated[float, Field(ge=0)] = 600.0
@@ -82,6 +86,13 @@ class ServerSettings(BaseModel):
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+
+
+def _mapping(text: str) -> object:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # validation says what is wrong with it
 
 
 def load_settings(
@@ -99,7 +110,9 @@ def load_settings(
     for name in ServerSettings.model_fields:
         value = env.get(ENV_PREFIX + name.upper())
         if value is not None:
-            document[name] = None if value == "" else value
+            # A mapping (user_weights) comes as YAML or JSON text: {"alice": 2}.
+            mapping = get_origin(ServerSettings.model_fields[name].annotation) is dict
+            document[name] = None if value == "" else _mapping(value) if mapping else value
     try:
         return ServerSettings.model_validate(document, strict=False)
     except ValidationError as error:

@@ -118,6 +118,24 @@ def test_the_first_waiting_gang_starts_when_enough_running_jobs_end() -> None:
     assert result.blocked is waiting[0] and result.free == Resources(1, 0)
 
 
+def test_fair_share_puts_the_user_running_less_first() -> None:
+    """alice runs 4 workers, bob none; alice's next job has priority 1, bob's 0. Without
+    fair share alice's goes first; with 0.5 a worker she loses 2 and bob's goes first; with
+    weight 4 she loses only 0.5 and hers goes first again."""
+    running = [FakeJob("a-running", owner="alice", workers=4, cpus=4)]
+    alice = FakeJob("alice-next", owner="alice", priority=1)
+    bob = FakeJob("bob-next", owner="bob")
+    total = Resources(5, 0)  # one more one-CPU job fits
+    share = {"aging_per_minute": 0, "fair_share_per_worker": 0.5}
+    for policy, first in (
+        (Policy(aging_per_minute=0), "alice-next"),
+        (Policy(**share), "bob-next"),
+        (Policy(**share, user_weights={"alice": 4}), "alice-next"),
+    ):
+        admitted = plan([alice, bob], running, total, policy, NOW).admit
+        assert [job.id for job in admitted] == [first], policy
+
+
 def test_paused_queue_admits_nothing() -> None:
     result = plan([FakeJob("j")], [], Resources(8, 0), Policy(paused=True), NOW)
     assert result.admit == [] and "paused" in result.waiting["j"]

@@ -3,6 +3,8 @@ credential in job payloads, with the setting named."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from service.settings import SettingsError, load_settings
@@ -36,3 +38,15 @@ def test_unusable_locations_are_refused_by_name(setting: str, value: str, proble
         load_settings(env=env)
     assert setting.lower() in str(refused.value) and problem in str(refused.value)
     assert "secret" not in str(refused.value) and "AKIA" not in str(refused.value)
+
+
+def test_fair_share_weights_come_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text("fair_share_per_worker: 0.5\nuser_weights: {alice: 2}\n")
+    env = {**REQUIRED, "SELFSUP_STORAGE_PATH": str(tmp_path / "runs")}
+    from_file = load_settings(config, env=env)
+    assert from_file.user_weights == {"alice": 2.0} and from_file.fair_share_per_worker == 0.5
+    from_env = load_settings(env={**env, "SELFSUP_USER_WEIGHTS": '{"bob": 3}'})
+    assert from_env.user_weights == {"bob": 3.0}
+    with pytest.raises(SettingsError, match="user_weights"):
+        load_settings(env={**env, "SELFSUP_USER_WEIGHTS": '{"bob": 0}'})
