@@ -158,14 +158,16 @@ def _service_env(name: str) -> dict[str, str]:
 
 
 def test_the_compose_file_follows_the_compose_specification() -> None:
-    jsonschema.Draft201909Validator(COMPOSE_SPEC).validate(COMPOSE)
+    errors = list(jsonschema.Draft201909Validator(COMPOSE_SPEC).iter_errors(COMPOSE))
+    assert errors == [], [error.message for error in errors]
 
 
 @pytest.mark.parametrize(
     ("document", "schema"), [(RAY_CLUSTER, RAY_CLUSTER_SCHEMA), (RAY_JOB, RAY_JOB_SCHEMA)]
 )
 def test_the_kuberay_manifests_follow_the_fields_of_their_crds(document: dict, schema: dict):
-    jsonschema.Draft202012Validator(schema).validate(document)
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(document))
+    assert errors == [], [error.message for error in errors]
 
 
 def test_the_schemas_catch_a_misspelt_field() -> None:
