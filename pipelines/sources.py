@@ -31,10 +31,33 @@ def is_image_source(uri: str) -> bool:
     return uri.partition("://")[0] in SCHEMES and "://" in uri
 
 
-@functools.cache
+# What decides which S3 a process reaches, and as whom: a client is made once per setting
+# of these (held in memory only, as boto3 holds them anyway).
+_S3_ENVIRONMENT = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
+def _s3_settings() -> tuple[str | None, ...]:
+    return tuple(os.environ.get(name) for name in _S3_ENVIRONMENT)
+
+
 def _s3_client() -> Any:
-    """One client per process, from boto3's standard configuration; few retries, so that a
-    wrong endpoint fails a submit in seconds rather than minutes."""
+    """The client for the S3 this process's environment names (boto3's standard settings),
+    made once per setting, so that a process whose environment changes reaches the S3 it now
+    names. Few retries, so that a wrong endpoint fails a submit in seconds, not minutes."""
+    return _s3_client_for(_s3_settings())
+
+
+@functools.cache
+def _s3_client_for(_settings: tuple[str | None, ...]) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -42,9 +65,13 @@ def _s3_client() -> Any:
     return boto3.session.Session().client("s3", config=config)
 
 
-@functools.cache
 def _filesystem(scheme: str, root: str) -> Any:
     """pyarrow's filesystem for random access to shards (S3: the same standard settings)."""
+    return _filesystem_for(scheme, root, _s3_settings() if scheme == "s3" else ())
+
+
+@functools.cache
+def _filesystem_for(scheme: str, root: str, _settings: tuple[str | None, ...]) -> Any:
     import pyarrow.fs
 
     if scheme == "file":

@@ -237,9 +237,7 @@ class JobStore:
         if name_contains:
             query = query.where(Job.name.contains(name_contains, autoescape=True))
         if since is not None:
-            if self.engine.dialect.name == "sqlite":  # it keeps naive UTC text
-                since = since.astimezone(UTC).replace(tzinfo=None)
-            query = query.where(Job.created_at >= since)
+            query = query.where(Job.created_at >= self._as_stored(since))
         with self._session() as session:
             return list(session.scalars(query))
 
@@ -260,10 +258,15 @@ class JobStore:
             # several times, and a SQLAlchemy Row's attribute lookup costs twice as much.
             return [Admissible(*row) for row in connection.execute(query)]
 
+    def _as_stored(self, moment: datetime) -> datetime:
+        """An aware time as the backend compares it: SQLite keeps naive UTC text."""
+        if self.engine.dialect.name == "sqlite":
+            return moment.astimezone(UTC).replace(tzinfo=None)
+        return moment
+
     def finished_between(self, start: datetime, end: datetime) -> list[str]:
         """Ids of the jobs that ended (and stayed ended) in [start, end)."""
-        if self.engine.dialect.name == "sqlite":  # it keeps naive UTC text
-            start, end = (moment.astimezone(UTC).replace(tzinfo=None) for moment in (start, end))
+        start, end = self._as_stored(start), self._as_stored(end)
         final = [str(state) for state in JobState if state.is_final]
         query = select(Job.id).where(
             Job.state.in_(final), Job.finished_at >= start, Job.finished_at < end

@@ -29,7 +29,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.sources import Catalog, ImageSource, _s3_client
+from pipelines.sources import Catalog, ImageSource
 from pipelines.user_data import catalog_labels
 from service.client import ApiClient
 from service.postgres import postgres_bin
@@ -234,15 +234,9 @@ def test_a_pirl_job_survives_a_lost_worker_node_and_a_killed_controller(
     run = client.get_run(job["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     (resume,) = client.get_metric_history(run.info.run_id, "train.resumed_from_epoch")
-    # The bucket listed from here, as the driver listed it. The S3 client is one per process,
-    # made from the environment: it is made again for this endpoint and forgotten after.
-    for name, value in production.s3.env.items():
+    for name, value in production.s3.env.items():  # the bucket listed from here, as the driver did
         monkeypatch.setenv(name, value)
-    _s3_client.cache_clear()
-    try:
-        catalog = Catalog.list(ImageSource.parse(job["bucket"]))
-    finally:
-        _s3_client.cache_clear()
+    catalog = Catalog.list(ImageSource.parse(job["bucket"]))
     train = split_samples(len(catalog.keys), catalog_labels(catalog), 0.25, 0).train
     steps_per_epoch = len(train) // 2 // 32  # 2 ranks, 32 images each a step
     assert resume.step == (int(resume.value) + 1) * steps_per_epoch

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from examples.make_image_folder import generate_images, write_image_folder, write_parquet_shards
-from pipelines.sources import _s3_client, source_problems
+from pipelines.sources import _s3_client, _s3_client_for, source_problems
 from pipelines.spec import load_spec_text
 from service.client import ApiError
 from service.controller import data_problems
@@ -156,12 +156,8 @@ def _problems_with(monkeypatch: pytest.MonkeyPatch, source: str, **env: str) -> 
     """The submit check of a spec on ``source`` under the AWS_* settings ``env``."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    _s3_client.cache_clear()
-    try:
-        spec = load_spec_text(json.dumps(job_document("check", {"name": "simclr"}, source)))
-        return " ".join(message for _, message in data_problems(spec))
-    finally:
-        _s3_client.cache_clear()
+    spec = load_spec_text(json.dumps(job_document("check", {"name": "simclr"}, source)))
+    return " ".join(message for _, message in data_problems(spec))
 
 
 def test_the_submit_check_names_wrong_s3_settings(
@@ -194,7 +190,7 @@ def test_the_submit_check_lists_one_page_of_a_large_prefix(s3: S3Endpoint) -> No
     for number in range(24):
         client.put_object(Bucket="selfsup-many", Key=f"big/{number:05d}.txt", Body=b"x")
     client.put_object(Bucket="selfsup-many", Key="big/zz.png", Body=rgba_png(2))
-    _s3_client.cache_clear()
+    _s3_client_for.cache_clear()  # a client of its own, to count its calls
     calls: list[str] = []
     _s3_client().meta.events.register(
         "before-call.s3.ListObjectsV2", lambda **_: calls.append("list")
@@ -203,4 +199,4 @@ def test_the_submit_check_lists_one_page_of_a_large_prefix(s3: S3Endpoint) -> No
     assert calls == ["list"]
     assert problems and "among the first 10 objects" in problems[0][1]
     assert source_problems("s3://selfsup-many/big/", "data.source", page_size=30) == []
-    _s3_client.cache_clear()
+    _s3_client_for.cache_clear()
