@@ -27,7 +27,15 @@ from pipelines.spec import JobSpec, SpecError, load_spec_text, parse_spec
 from service.auth import Principal
 from service.checkpoints import delete_checkpoints
 from service.ray_jobs import RayJobPhase, RayJobs, submission_id
-from service.scheduler import Plan, Policy, Resources, end_estimate, plan, start_estimate
+from service.scheduler import (
+    Plan,
+    Policy,
+    Resources,
+    Schedulable,
+    end_estimate,
+    plan,
+    start_estimate,
+)
 from service.settings import ServerSettings
 from service.store import ACTIVE_STATES, Job, JobState, JobStore, aware, utcnow
 from service.tracking import Accounts, Progress, Tracking
@@ -127,6 +135,7 @@ class Controller:
             paused=self.store.flag(PAUSED_FLAG) == "true",
             fair_share_per_worker=self.settings.fair_share_per_worker,
             user_weights=self.settings.user_weights,
+            preemption=self.settings.preemption,
         )
 
     def set_paused(self, paused: bool) -> None:
@@ -285,6 +294,27 @@ class Controller:
             )
             return self.get(principal, job_id)
 
+    def _preempt(self, job_id: str, blocked: Schedulable | None) -> None:
+        """Stop a running job to make room for ``blocked``, and queue it again under the same
+        id: it resumes from its latest checkpoint, in the same MLflow run, when it is admitted
+        again. The transition says who preempted whom."""
+        job = self.store.get(job_id)
+        if job is None or blocked is None:
+            return
+        self.ray.stop(ray_id(job))
+        self._archive_logs(job)
+        reason = (
+            f"preempted by {blocked.id} (priority {blocked.priority} over {job.priority}): "
+            "queued again, to resume from its latest checkpoint"
+        )
+        if (
+            self.store.transition(
+                job.id, ACTIVE_STATES, JobState.QUEUED, CONTROLLER, reason, message=reason
+            )
+            and job.mlflow_run_id
+        ):
+            self.tracking.requeue_run(job.mlflow_run_id)
+
     def logs(self, job: Job) -> str:
         """The job's logs: those of its latest attempt, from Ray while it knows the attempt,
         else as archived in the job's MLflow run when the attempt ended; empty before the
@@ -363,6 +393,8 @@ class Controller:
                 self._fail_queued(job_id, reason)
             decision = self.plan(held)
             self._waiting = decision.waiting
+            for victim in decision.preempt:  # the blocked job starts on a later turn
+                self._preempt(victim.id, decision.blocked)
             for admitted in decision.admit:
                 job = self.store.get(admitted.id)
                 if job is not None:
@@ -510,6 +542,7 @@ class Controller:
             "admitted: the gang fits",
             started_at=now,
             attempts=job.attempts + 1,
+            message=None,  # the last attempt's account (a failure, a preemption) is history
             progress_step=None,
             progress_at=now,  # the watchdog counts from the admission
         )

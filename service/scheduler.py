@@ -8,14 +8,22 @@ Strict order for capacity: when the head of the queue does not fit, nothing behi
 admitted, so a stream of narrow jobs can never starve a wide one. A job held back by its
 owner's cap on running workers does not block the others: the cap is about fairness between
 users, not about the cluster.
+
+Preemption (``Policy.preemption = "lower_priority"``): when the head of the queue does not
+fit, running jobs of lower priority (both the spec's and the effective one, so the victims
+queue behind it again and cannot take their room back) are chosen to make room: lowest
+priority first, then the latest started, who lose the least work; no more than needed, and
+none if even all of them would not make room. The controller stops them and requeues them;
+they resume from their latest checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Literal
 
 from service.store import Admissible, aware
 
@@ -63,6 +71,7 @@ class Policy:
     # the owner's weight (1 unless ``user_weights`` says otherwise). 0: no fair share.
     fair_share_per_worker: float = 0.0
     user_weights: Mapping[str, float] = field(default_factory=dict)
+    preemption: Literal["never", "lower_priority"] = "never"
 
     def share_penalty(self, owner: str, running_workers: int) -> float:
         return self.fair_share_per_worker * running_workers / self.user_weights.get(owner, 1.0)
@@ -74,6 +83,7 @@ class Plan:
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits
     blocked: Schedulable | None = None  # the first job that waits for capacity
     free: Resources | None = None  # what is free once the admitted jobs start
+    preempt: list[Schedulable] = field(default_factory=list)  # running jobs to stop for blocked
 
 
 def end_estimate(
@@ -101,31 +111,86 @@ def start_estimate(
     return None
 
 
+def _effective_priority(
+    policy: Policy, now: datetime, penalty: Mapping[str, float]
+) -> Callable[[Schedulable], tuple[float, float]]:
+    """A job's effective priority, and how long it has waited in seconds: the spec's priority,
+    plus aging, minus the owner's fair-share penalty for the workers they run."""
+    # SQLite hands back naive UTC times: subtracting from a naive "now" spares a
+    # datetime.replace per job, which was most of a decision's time with 10,000 queued.
+    now = aware(now)
+    naive_now = now.replace(tzinfo=None)
+    aging = policy.aging_per_minute
+
+    def effective(job: Schedulable) -> tuple[float, float]:
+        created = job.created_at
+        waited_s = ((naive_now if created.tzinfo is None else now) - created).total_seconds()
+        priority = job.priority + aging * max(0.0, waited_s / 60) - penalty.get(job.owner, 0.0)
+        return priority, waited_s
+
+    return effective
+
+
+def _penalties(policy: Policy, running_workers: Mapping[str, int] | None) -> dict[str, float]:
+    return {
+        owner: policy.share_penalty(owner, workers)
+        for owner, workers in (running_workers or {}).items()
+    }
+
+
 def queue_order(
     queued: list[Schedulable],
     now: datetime,
     policy: Policy,
     running_workers: Mapping[str, int] | None = None,
 ) -> list[Schedulable]:
-    """Highest effective priority first, then the longest waiting. Effective: the spec's
-    priority, plus aging, minus the owner's fair-share penalty for the workers they run."""
-    # SQLite hands back naive UTC times: subtracting from a naive "now" spares a
-    # datetime.replace per job, which was most of a decision's time with 10,000 queued.
-    now = aware(now)
-    naive_now = now.replace(tzinfo=None)
-    aging = policy.aging_per_minute
-    penalty = {
-        owner: policy.share_penalty(owner, workers)
-        for owner, workers in (running_workers or {}).items()
-    }
+    """Highest effective priority first, then the longest waiting."""
+    effective = _effective_priority(policy, now, _penalties(policy, running_workers))
 
     def order(job: Schedulable) -> tuple[float, float]:
-        created = job.created_at
-        waited_s = ((naive_now if created.tzinfo is None else now) - created).total_seconds()
-        effective = job.priority + aging * max(0.0, waited_s / 60) - penalty.get(job.owner, 0.0)
-        return -effective, -waited_s
+        priority, waited_s = effective(job)
+        return -priority, -waited_s
 
     return sorted(queued, key=order)
+
+
+def victims(
+    blocked: Schedulable,
+    active: list[Schedulable],
+    free: Resources,
+    policy: Policy,
+    now: datetime,
+    running_workers: Mapping[str, int],
+) -> list[Schedulable]:
+    """The running jobs to stop so that ``blocked`` fits ``free``: those below it in spec and
+    in effective priority (as they would be once queued again, their own workers no longer
+    counted against their owner's share), lowest first, then latest started; none if they
+    cannot make room."""
+    effective = _effective_priority(policy, now, _penalties(policy, running_workers))
+    rank = effective(blocked)[0]
+
+    def requeued_rank(job: Schedulable) -> float:
+        return effective(job)[0] + policy.share_penalty(job.owner, job.workers)
+
+    candidates = sorted(
+        (job for job in active if job.priority < blocked.priority and requeued_rank(job) < rank),
+        key=lambda job: (job.priority, -aware(job.started_at or now).timestamp()),
+    )
+    chosen: list[Schedulable] = []
+    for job in candidates:
+        if free.fits(blocked):
+            break
+        chosen.append(job)
+        free = free.plus(job)
+    if not free.fits(blocked):
+        return []
+    # Greedy order can over-shoot (a wide job chosen before the narrow one that was enough):
+    # give back, latest chosen first, every victim the gang fits without.
+    for job in reversed(list(chosen)):
+        if free.minus(job).fits(blocked):
+            chosen.remove(job)
+            free = free.minus(job)
+    return chosen
 
 
 def plan(
@@ -183,4 +248,10 @@ def plan(
             free = free.minus(job)
             workers_by_owner[job.owner] = owned + job.workers
     result.free = free
+    if blocker is not None and policy.preemption == "lower_priority":
+        result.preempt = victims(blocker, active, free, policy, now, workers_by_owner)
+        if result.preempt:
+            result.waiting[blocker.id] += "; preempting " + ", ".join(
+                f"{job.id} (priority {job.priority})" for job in result.preempt
+            )
     return result

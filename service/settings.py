@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, get_origin
+from typing import Annotated, Literal, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -77,6 +77,9 @@ class ServerSettings(BaseModel):
     # user's weight (user_weights: {"alice": 2.0}; 1 for anyone not named). 0: off.
     fair_share_per_worker: Annotated[float, Field(ge=0)] = 0.0
     user_weights: dict[str, Annotated[float, Field(gt=0)]] = {}
+    # A job that does not fit may stop running jobs of lower priority, which go back to the
+    # queue and resume from their latest checkpoint (service/scheduler.py says which).
+    preemption: Literal["never", "lower_priority"] = "never"
     watchdog_s: Annotated[float, Field(gt=0)] = 900.0  # no training progress this long: retry
     retry_backoff_s: Annotated[float, Field(ge=0)] = 10.0  # doubled for each further retry
     retry_backoff_max_s: Annotated[float, Field(ge=0)] = 600.0

@@ -70,6 +70,7 @@ class Admissible:
     cpus: float
     gpus: float
     worker_cpus: float | None  # on the nodes that train; None (older jobs): all of ``cpus``
+    started_at: datetime | None  # of the latest attempt; preemption stops the latest first
 
 
 def utcnow() -> datetime:
@@ -252,6 +253,7 @@ class JobStore:
             Job.cpus,
             Job.gpus,
             Job.worker_cpus,
+            Job.started_at,
         ).where(Job.state.in_([str(state) for state in states]))
         with self.engine.connect() as connection:
             # Plain tuples into slotted objects: the planner reads each field of 10,000 jobs

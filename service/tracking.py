@@ -140,6 +140,11 @@ class Tracking:
             with self._writes:
                 self.client.set_terminated(run_id, status=RunStatus.to_string(status))
 
+    def requeue_run(self, run_id: str) -> None:
+        """A preempted job's run waits to be continued (MLflow's SCHEDULED), not ended."""
+        with self._writes:
+            self.client.update_run(run_id, status="SCHEDULED")
+
     def reopen_run(self, run_id: str) -> None:
         """A retried job logs into its run again."""
         with self._writes:

@@ -260,6 +260,9 @@ def bucket(s3: S3Endpoint) -> str:
 def stack(s3: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("selfsup-home")
     running = Stack(home)
+    # A setting through the environment, as a deployment may give it: the controller's
+    # tests preempt a running job for a higher-priority one.
+    running.env["SELFSUP_PREEMPTION"] = "lower_priority"
     running.cli("up", "--num-cpus", "2", check=True, timeout=180)
     yield running
     running.cli("down", timeout=120)

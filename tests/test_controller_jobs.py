@@ -1,6 +1,7 @@
 """The controller with real jobs on the real stack: admission in priority order with room for
-one gang; one job cancelled and retried, its controller killed and restarted, its driver
-killed so that the controller retries it from its checkpoint; and the watchdog. (A Ray Train
+one gang; one job cancelled and retried, preempted by a higher-priority job, its controller
+killed and restarted, its driver killed so that the controller retries it from its
+checkpoint; and the watchdog. (A Ray Train
 worker killed mid-run is in tests/test_s3_storage.py, on S3 data and S3 checkpoints.)"""
 
 from __future__ import annotations
@@ -105,14 +106,15 @@ def assert_a_waiting_job_gets_a_start_estimate(stack: Stack, tmp_path: Path) -> 
 def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints(
     stack: Stack, tmp_path: Path
 ) -> None:
-    """One job, interrupted three times: the user cancels and retries it; the controller is
-    killed mid-job and `selfsup up` brings it back alone, beside Ray and the running job; then
-    the job's driver is killed and the controller retries it. Each retry resumes from the
-    latest checkpoint under the same id and MLflow run, and the steps continue where they
-    stopped."""
+    """One job, interrupted four times: the user cancels and retries it; a job of higher
+    priority preempts it (the stack's controller runs with ``preemption: lower_priority``);
+    the controller is killed mid-job and `selfsup up` brings it back alone, beside Ray and the
+    running job; then the job's driver is killed and the controller retries it. Each time it
+    resumes from the latest checkpoint under the same id and MLflow run, and the steps
+    continue where they stopped."""
     # An epoch takes about a second: each interruption must land well before the last one,
     # however slowly the test's own requests go on a loaded machine.
-    epochs = 20
+    epochs = 26
     job_id = submit(stack, training_spec(tmp_path, "resume-digits", epochs, max_retries=1))
     runs = stack.home / "runs" / job_id
     wait_for_checkpoints(stack, job_id)
@@ -129,6 +131,10 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
 
     stack.cli("job", "retry", job_id, check=True)
     wait_for_checkpoints(stack, job_id, besides=before_retry)
+    urgent = preempt(stack, tmp_path, job_id)
+    # The job is queued until the urgent one ended: it writes nothing meanwhile.
+    before_resume = frozenset(path.name for path in runs.glob("checkpoint_*"))
+    wait_for_checkpoints(stack, job_id, besides=before_resume)
     os.kill(stack.info["server_pid"], signal.SIGKILL)  # the controller dies mid-job
     time.sleep(1)
     stack.cli("up", check=True)  # the controller alone: its job runs on, not handed over again
@@ -142,7 +148,7 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
 
     job = stack.wait_for(job_id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=480)
     assert job["state"] == "SUCCEEDED", job["message"]
-    assert job["attempts"] == 3 and job["retries"] == 1
+    assert job["attempts"] == 4 and job["retries"] == 1
     history = transitions(stack, job_id)
     moves = [(t["from"], t["to"]) for t in history]
     assert moves == [
@@ -153,22 +159,40 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
         ("CANCELLED", "QUEUED"),  # the user's retry
         ("QUEUED", "STARTING"),
         ("STARTING", "RUNNING"),
+        ("RUNNING", "QUEUED"),  # preempted
+        ("QUEUED", "STARTING"),  # once the urgent job ended
+        ("STARTING", "RUNNING"),
         ("RUNNING", "RETRYING"),  # the killed driver
         ("RETRYING", "QUEUED"),  # after the backoff
         ("QUEUED", "STARTING"),
         ("STARTING", "RUNNING"),
         ("RUNNING", "SUCCEEDED"),
     ]
-    assert "retry 1 of 1" in history[7]["reason"] and history[7]["actor"] == "controller"
+    assert history[7]["reason"].startswith(f"preempted by {urgent} (priority 10 over 0)")
+    assert history[7]["actor"] == "controller"
+    urgent_start = next(t["at"] for t in transitions(stack, urgent) if t["to"] == "STARTING")
+    assert history[7]["at"] < urgent_start < history[8]["at"]
+    assert "retry 1 of 1" in history[10]["reason"] and history[10]["actor"] == "controller"
 
     resumes = client.get_metric_history(run_id, "train.resumed_from_epoch")
-    assert len(resumes) == 2 and resumes[0].value < resumes[1].value < epochs - 1
+    values = [resume.value for resume in resumes]
+    assert len(resumes) == 3 and values == sorted(set(values)) and values[-1] < epochs - 1
     for resume in resumes:  # logged at the checkpoint's step count, not from zero
         assert resume.step == (int(resume.value) + 1) * STEPS_PER_EPOCH
     assert max(m.step for m in client.get_metric_history(run_id, "train.step")) == (
         epochs * STEPS_PER_EPOCH
     )
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def preempt(stack: Stack, tmp_path: Path, job_id: str) -> str:
+    """Submit a job of priority 10 that needs the whole stack while ``job_id`` (priority 0)
+    runs: the running job goes back to the queue, the urgent one runs and succeeds."""
+    urgent = submit(stack, tiny_spec(tmp_path, "urgent", 10))
+    requeued = stack.wait_for(job_id, ("QUEUED",), timeout=60)
+    assert requeued["message"].startswith(f"preempted by {urgent}"), requeued
+    assert stack.wait_for(urgent, ("SUCCEEDED", "FAILED"), timeout=180)["state"] == "SUCCEEDED"
+    return urgent
 
 
 def test_watchdog_fails_a_job_whose_progress_stalls(stack: Stack, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Admission as a pure function: gangs never over-commit, priority then age, aging, per-user
-caps, and a reason for every job that waits."""
+caps, a reason for every job that waits, and which running jobs a blocked one preempts."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class FakeJob:  # the scheduler's Schedulable protocol; the store's Job has the 
     cpus: float = 1.0
     gpus: float = 0.0
     worker_cpus: float | None = None
+    started_at: datetime | None = None
 
 
 def test_priority_then_age() -> None:
@@ -200,3 +201,79 @@ def test_plan_never_overcommits_and_explains_every_wait(
     order = [job.id for job in queue_order(waiting, NOW, Policy())]
     admitted_positions = [order.index(job.id) for job in result.admit]
     assert admitted_positions == sorted(admitted_positions)
+
+
+PREEMPTING = Policy(aging_per_minute=0, preemption="lower_priority")
+
+
+def running_job(name: str, priority: int, minutes_ago: int, cpus: float = 1.0) -> FakeJob:
+    started = NOW - timedelta(minutes=minutes_ago)
+    return FakeJob(name, priority=priority, created_at=started, cpus=cpus, started_at=started)
+
+
+def test_a_blocked_job_preempts_the_lowest_priority_then_the_latest_started() -> None:
+    old_low = running_job("old-low", 0, minutes_ago=30)
+    new_low = running_job("new-low", 0, minutes_ago=2)
+    middle = running_job("middle", 3, minutes_ago=1)
+    active = [old_low, new_low, middle]
+    one = FakeJob("urgent", priority=5, cpus=1)
+    result = plan([one], active, Resources(3, 0), PREEMPTING, NOW)
+    assert result.admit == [] and [job.id for job in result.preempt] == ["new-low"]
+    assert "preempting new-low (priority 0)" in result.waiting["urgent"]
+    two = FakeJob("urgent", priority=5, cpus=2)
+    assert [j.id for j in plan([two], active, Resources(3, 0), PREEMPTING, NOW).preempt] == [
+        "new-low",
+        "old-low",
+    ]
+    # Off by default; equal priority is never preempted; nor is anything if it cannot help.
+    assert plan([two], active, Resources(3, 0), Policy(aging_per_minute=0), NOW).preempt == []
+    assert (
+        plan([FakeJob("same", priority=0)], active, Resources(3, 0), PREEMPTING, NOW).preempt == []
+    )
+    four = FakeJob("huge", priority=3, cpus=4)  # the two below it free 3 of the 4 CPUs
+    assert plan([four], active, Resources(4, 0), PREEMPTING, NOW).preempt == []
+
+
+def test_preemption_gives_back_victims_the_gang_fits_without() -> None:
+    narrow = running_job("narrow", 0, minutes_ago=1, cpus=1)
+    wide = running_job("wide", 1, minutes_ago=1, cpus=2)
+    blocked = FakeJob("blocked", priority=5, cpus=2)
+    result = plan([blocked], [narrow, wide], Resources(3, 0), PREEMPTING, NOW)
+    assert [job.id for job in result.preempt] == ["wide"]  # narrow was chosen first, then freed
+
+
+def test_a_victim_that_would_queue_ahead_of_the_blocked_job_is_not_preempted() -> None:
+    """Aging lifted the running job's effective priority above the newcomer's: stopping it
+    would only requeue it ahead, to take its room back and be stopped again."""
+    aged = FakeJob("aged", priority=0, created_at=NOW - timedelta(hours=3), started_at=NOW)
+    newcomer = FakeJob("newcomer", priority=10)
+    policy = Policy(aging_per_minute=0.1, preemption="lower_priority")  # 180 min -> +18
+    assert plan([newcomer], [aged], Resources(1, 0), policy, NOW).preempt == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    waiting=st.lists(job_strategy, max_size=10),
+    running=st.lists(job_strategy, max_size=6),
+    cpus=st.sampled_from([4.0, 8.0, 16.0]),
+    gpus=st.sampled_from([0.0, 4.0]),
+)
+def test_preemption_frees_just_enough_and_only_of_lower_priority(
+    waiting: list[FakeJob], running: list[FakeJob], cpus: float, gpus: float
+) -> None:
+    total = Resources(cpus, gpus)
+    result = plan(waiting, running, total, PREEMPTING, NOW)
+    if not result.preempt:
+        return
+    blocked = result.blocked
+    assert blocked is not None
+    assert all(job.priority < blocked.priority for job in result.preempt)
+    assert len({job.id for job in result.preempt}) == len(result.preempt)
+    assert {job.id for job in result.preempt} <= {job.id for job in running}
+    free = result.free
+    assert free is not None and not free.fits(blocked)
+    for job in result.preempt:
+        free = free.plus(job)
+    assert free.fits(blocked)  # once the victims are gone, the gang fits ...
+    for job in result.preempt:  # ... and it would not with any one of them left running
+        assert not free.minus(job).fits(blocked)
