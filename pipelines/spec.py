@@ -512,16 +512,21 @@ def _describe(error: dict[str, Any]) -> str:
     return re.sub(r"^(Value|Assertion) error, ", "", message)
 
 
+def validation_problems(error: ValidationError, prefix: str = "") -> Problems:
+    """Pydantic's errors as (field path, message) pairs, the paths under ``prefix``."""
+    return [(prefix + _field_path(item["loc"]), _describe(item)) for item in error.errors()]
+
+
 def parse_spec(document: Any) -> JobSpec:
     """Validate an already-parsed YAML document; raise SpecError naming each bad field."""
     if not isinstance(document, dict):
         raise SpecError([("(spec)", "the spec must be a YAML mapping of sections")])
+    if "sweep" in document:
+        raise SpecError([("sweep", "a sweep is submitted with `selfsup sweep submit FILE`")])
     try:
         spec = JobSpec.model_validate(document)
     except ValidationError as error:
-        raise SpecError(
-            [(_field_path(item["loc"]), _describe(item)) for item in error.errors()]
-        ) from None
+        raise SpecError(validation_problems(error)) from None
     problems = _cross_field_problems(spec)
     if problems:
         raise SpecError(problems)
@@ -551,10 +556,10 @@ def read_yaml(text: str) -> Any:
 
 def load_spec_text(text: str) -> JobSpec:
     """Parse and validate YAML text. Any problem, YAML syntax included, is a SpecError."""
-    return parse_spec(_read_spec_document(text))
+    return parse_spec(read_spec_document(text))
 
 
-def _read_spec_document(text: str) -> Any:
+def read_spec_document(text: str) -> Any:
     """YAML text -> Python values; a SpecError saying where the syntax is wrong."""
     try:
         return read_yaml(text)
@@ -574,26 +579,36 @@ def apply_overrides(text: str, overrides: Sequence[str]) -> str:
     A malformed assignment, or one through a field that is not a section, is a SpecError."""
     if not overrides:
         return text
-    document = _read_spec_document(text)
+    document = read_spec_document(text)
     if not isinstance(document, dict):
         raise SpecError([("--set", "the spec is not a mapping of sections, so nothing can be set")])
     for assignment in overrides:
         path, equals, raw = assignment.partition("=")
-        keys = path.strip().split(".")
-        if not equals or not all(key.strip() for key in keys):
+        if not equals:
             raise SpecError([("--set", f"{assignment!r} is not FIELD.PATH=VALUE")])
         try:
             value = read_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             raise SpecError([("--set", f"{assignment!r}: the value is not valid YAML")]) from None
-        section = document
-        for depth, key in enumerate(keys[:-1]):
-            section = section.setdefault(key, {})
-            if not isinstance(section, dict):
-                where = ".".join(keys[: depth + 1])
-                raise SpecError([("--set", f"{assignment!r}: {where} is a value, not a section")])
-        section[keys[-1]] = value
+        set_field(document, path, value, "--set", repr(assignment))
     return yaml.safe_dump(document, sort_keys=False)
+
+
+def set_field(document: dict, path: str, value: Any, where: str, what: str) -> None:
+    """``document[a][b][c] = value`` for the path ``a.b.c``, missing sections made; a
+    SpecError at ``where`` (the option or section that asked), about ``what``, if the path is
+    malformed or runs through a value."""
+    keys = path.strip().split(".")
+    if not all(key.strip() for key in keys):
+        raise SpecError([(where, f"{what}: {path!r} is not a dotted FIELD.PATH")])
+    section = document
+    for depth, key in enumerate(keys[:-1]):
+        section = section.setdefault(key, {})
+        if not isinstance(section, dict):
+            raise SpecError(
+                [(where, f"{what}: {'.'.join(keys[: depth + 1])} is a value, not a section")]
+            )
+    section[keys[-1]] = value
 
 
 def check_listed(spec: JobSpec, count: int) -> None:

@@ -462,6 +462,71 @@ def cmd_job_logs(args: argparse.Namespace) -> int:
         time.sleep(LOG_POLL_S)
 
 
+def cmd_sweep_submit(args: argparse.Namespace) -> int:
+    text = _spec_text(args)
+    try:
+        sweep = _api(args).request("POST", "/v1/sweeps", {"spec": text})
+    except ApiError as error:
+        if error.status == 422:
+            raise _invalid_spec(args, error) from None
+        raise
+    if args.output != "table":
+        _print_document(sweep, args.output)
+        return EXIT_OK
+    print(
+        f"submitted {sweep['id']} ({sweep['name']}): {sweep['trial_count']} trials, at most "
+        f"{sweep['max_parallel']} at once, ranked by {sweep['metric']} ({sweep['mode']})"
+    )
+    for trial in sweep["trials"]:
+        print(f"  {trial['job_id']}  {_values(trial['values'])}")
+    return EXIT_OK
+
+
+def _values(values: dict[str, Any]) -> str:
+    return " ".join(f"{path}={_cell(value)}" for path, value in values.items())
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    sweep = _api(args).request("GET", f"/v1/sweeps/{args.sweep_id}")
+    if args.output != "table":
+        _print_document(sweep, args.output)
+        return EXIT_OK
+    print(
+        f"{sweep['id']} ({sweep['name']}): {sweep['state']}, {sweep['trial_count']} trials "
+        f"ranked by {sweep['metric']} ({sweep['mode']}), at most {sweep['max_parallel']} at once"
+    )
+    if sweep["message"]:
+        print(f"  {sweep['message']}")
+    rows = [
+        {
+            "rank": rank if trial["value"] is not None else None,
+            **trial,
+            "values": _values(trial["values"]),
+        }
+        for rank, trial in enumerate(sweep["trials"], start=1)
+    ]
+    for row in rows:
+        row[sweep["metric"]] = row.pop("value")
+    _print_rows(rows, "table", ["rank", "job_id", "state", sweep["metric"], "values"])
+    return EXIT_OK
+
+
+def cmd_sweep_list(args: argparse.Namespace) -> int:
+    sweeps = _api(args).request("GET", "/v1/sweeps")
+    columns = ["id", "name", "state", "owner", "trial_count", "metric", "created", "message"]
+    _print_rows(sweeps, args.output, columns)
+    return EXIT_OK
+
+
+def cmd_sweep_cancel(args: argparse.Namespace) -> int:
+    sweep = _api(args).request("POST", f"/v1/sweeps/{args.sweep_id}/cancel")
+    if args.output != "table":
+        _print_document(sweep, args.output)
+    else:
+        print(f"{sweep['id']}: {sweep['state']}, and its unfinished trials cancelled")
+    return EXIT_OK
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     api = _api(args)
     if args.action in ("pause", "resume"):
@@ -755,6 +820,23 @@ def _parser() -> argparse.ArgumentParser:
             output(command)
         if name == "retry":
             command.add_argument("--wait", action="store_true")
+
+    sweep = nouns.add_parser("sweep", help="sweeps: one spec, many trials, ranked by a metric")
+    sweep_verbs = sweep.add_subparsers(dest="verb", required=True)
+    sweep_submit = add(
+        sweep_verbs, "submit", cmd_sweep_submit, "queue the trials of a spec with a sweep: section"
+    )
+    sweep_submit.add_argument("file")
+    overrides(sweep_submit)
+    output(sweep_submit)
+    output(add(sweep_verbs, "list", cmd_sweep_list, "list your sweeps, newest first"))
+    for name, handler, text in (
+        ("status", cmd_sweep_status, "a sweep's trials ranked by its metric"),
+        ("cancel", cmd_sweep_cancel, "cancel a sweep and its unfinished trials"),
+    ):
+        command = add(sweep_verbs, name, handler, text)
+        command.add_argument("sweep_id")
+        output(command)
 
     queue = add(nouns, "queue", cmd_queue, "show the queue; pause or resume admission (admins)")
     queue.add_argument("action", nargs="?", choices=["status", "pause", "resume"], default="status")

@@ -8,6 +8,8 @@ docs at /docs). Every route but /healthz needs ``Authorization: Bearer <token>``
     GET  /v1/jobs/{id}/logs?offset=N  its Ray job logs from byte N on
     POST /v1/jobs/{id}/cancel | /retry
     GET  /v1/queue, POST /v1/queue/pause | /resume (admin)
+    POST /v1/sweeps               submit {"spec": "<YAML with a sweep: section>"}
+    GET  /v1/sweeps, GET /v1/sweeps/{id} (its trials ranked), POST /v1/sweeps/{id}/cancel
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pydantic import BaseModel, ConfigDict
 from pipelines.spec import SpecError
 from service.auth import AuthError, Principal, authenticate
 from service.controller import Controller, IdempotencyConflict, JobConflict, JobNotFound
-from service.store import ACTIVE_STATES, Job, JobState
+from service.store import ACTIVE_STATES, Job, JobState, Sweep
+from service.sweeps import TrialView
 
 log = logging.getLogger("selfsup.controller")
 
@@ -74,6 +77,7 @@ def job_view(controller: Controller, job: Job, detail: bool = False) -> dict[str
         "message": job.message,
         "mlflow_run_id": job.mlflow_run_id,
         "result": job.result or {},
+        "sweep_id": job.sweep_id,
     }
     if detail:
         progress = controller.progress(job)
@@ -88,6 +92,37 @@ def job_view(controller: Controller, job: Job, detail: bool = False) -> dict[str
             "epochs": job.spec["train"]["epochs"],
             "run_url": controller.run_url(job),
         }
+    return view
+
+
+def sweep_view(sweep: Sweep, trials: list[TrialView] | None = None) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": sweep.id,
+        "name": sweep.name,
+        "owner": sweep.owner,
+        "state": sweep.state,
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "max_parallel": sweep.max_parallel,
+        "promote": sweep.promote,
+        "trial_count": len(sweep.trials),
+        "created": sweep.created_at.isoformat(),
+        "finished": sweep.finished_at.isoformat() if sweep.finished_at else None,
+        "message": sweep.message,
+        "result": sweep.result or {},
+    }
+    if trials is not None:  # best first
+        view["trials"] = [
+            {
+                "job_id": trial.job.id,
+                "name": trial.job.name,
+                "state": trial.job.state,
+                "values": trial.values,
+                "value": trial.value,
+                "message": trial.job.message,
+            }
+            for trial in trials
+        ]
     return view
 
 
@@ -209,6 +244,24 @@ def create_app(controller: Controller) -> FastAPI:
     @app.post("/v1/jobs/{job_id}/retry")
     def retry(job_id: str, user: User) -> dict[str, Any]:
         return job_view(controller, controller.retry(user, job_id), detail=True)
+
+    @app.post("/v1/sweeps", status_code=201)
+    def submit_sweep(request: SubmitRequest, user: User) -> dict[str, Any]:
+        return sweep_view(
+            *controller.sweeps.get(user, controller.sweeps.submit(user, request.spec).id)
+        )
+
+    @app.get("/v1/sweeps")
+    def list_sweeps(user: User) -> list[dict[str, Any]]:
+        return [sweep_view(sweep) for sweep in controller.sweeps.list(user)]
+
+    @app.get("/v1/sweeps/{sweep_id}")
+    def sweep_status(sweep_id: str, user: User) -> dict[str, Any]:
+        return sweep_view(*controller.sweeps.get(user, sweep_id))
+
+    @app.post("/v1/sweeps/{sweep_id}/cancel")
+    def cancel_sweep(sweep_id: str, user: User) -> dict[str, Any]:
+        return sweep_view(controller.sweeps.cancel(user, sweep_id))
 
     @app.get("/v1/queue")
     def queue(user: User) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from pipelines.sources import source_problems
 from pipelines.spec import JobSpec, SpecError, load_spec_text, parse_spec
 from service.auth import Principal
 from service.checkpoints import delete_checkpoints
+from service.errors import IdempotencyConflict, JobConflict, JobNotFound
 from service.ray_jobs import RayJobPhase, RayJobs, submission_id
 from service.scheduler import (
     Plan,
@@ -38,6 +39,7 @@ from service.scheduler import (
 )
 from service.settings import ServerSettings
 from service.store import ACTIVE_STATES, Job, JobState, JobStore, aware, utcnow
+from service.sweeps import Sweeps
 from service.tracking import Accounts, Progress, Tracking
 
 CONTROLLER = "controller"
@@ -56,19 +58,7 @@ def ray_id(job: Job) -> str:
     return submission_id(job.id, job.attempts)
 
 
-class JobNotFound(Exception):
-    pass
-
-
 _log = logging.getLogger(__name__)
-
-
-class JobConflict(Exception):
-    """The job is not in a state that allows the requested change."""
-
-
-class IdempotencyConflict(Exception):
-    """An idempotency key reused for a different spec."""
 
 
 def gang_resources(spec: JobSpec) -> tuple[float, float]:
@@ -100,6 +90,7 @@ class Controller:
         on = Accounts.on(settings.tracking_uri)
         self.accounts = Accounts(settings.tracking_uri) if on else None
         self.ray = RayJobs(settings.ray_dashboard_url)
+        self.sweeps = Sweeps(self)
         self._lock = threading.RLock()  # pairs a state change with its Ray call
         self._last_submit = 0.0  # time.monotonic() of the latest submit
         self._last_checkpoint_gc = -math.inf  # time.monotonic() of the latest collection
@@ -148,6 +139,10 @@ class Controller:
         it depends on, its gang against the cluster. The spec and the gang's CPUs and GPUs; a
         SpecError if it fails."""
         spec = load_spec_text(spec_text)
+        return (spec, *self.check(principal, spec))
+
+    def check(self, principal: Principal, spec: JobSpec) -> tuple[float, float]:
+        """The checks of a parsed spec beyond its own fields; the gang's CPUs and GPUs."""
         if problems := data_problems(spec) + self._dependency_problems(principal, spec):
             raise SpecError(problems)
         cpus, gpus = gang_resources(spec)
@@ -174,7 +169,7 @@ class Controller:
                     )
                 ]
             )
-        return spec, cpus, gpus
+        return cpus, gpus
 
     def submit(
         self, principal: Principal, spec_text: str, key: str | None = None
@@ -183,8 +178,27 @@ class Controller:
         False) if the key was seen. A SpecError leaves nothing behind."""
         spec, cpus, gpus = self.validate(principal, spec_text)
         self._last_submit = time.monotonic()
+        job = self.new_job(principal, spec, spec_text, (cpus, gpus), key)
+        # The job's MLflow run is made by the loop (``_open_runs``), not here: a submit
+        # answers as soon as the job is stored, never waiting on the tracking store's lock.
+        # Insert first, look up on a clash: a repeated key costs the lookup, a new job not.
+        added = self.store.add(job, actor=principal.user, reason="submitted")
+        if added is None:  # the key names a job stored before (by this or another request)
+            return self._by_key(principal, key or "", spec_text), False
+        return added, True
+
+    def new_job(
+        self,
+        principal: Principal,
+        spec: JobSpec,
+        spec_text: str,
+        gang: tuple[float, float],
+        key: str | None = None,
+        sweep_id: str | None = None,
+    ) -> Job:
+        """A QUEUED job, not stored yet, for a checked spec and its gang's CPUs and GPUs."""
         now = utcnow()
-        job = Job(
+        return Job(
             id=f"job-{uuid.uuid4().hex[:12]}",
             name=spec.name,
             owner=principal.user,
@@ -195,21 +209,15 @@ class Controller:
             spec=spec.model_dump(mode="json"),
             config_hash=spec.config_hash(),
             workers=spec.resources.workers,
-            cpus=cpus,
-            gpus=gpus,
+            cpus=gang[0],
+            gpus=gang[1],
             worker_cpus=spec.resources.workers * spec.resources.cpus_per_worker,
             max_retries=spec.max_retries,
             depends_on=" ".join(spec.depends_on) or None,
+            sweep_id=sweep_id,
             created_at=now,
             updated_at=now,
         )
-        # The job's MLflow run is made by the loop (``_open_runs``), not here: a submit
-        # answers as soon as the job is stored, never waiting on the tracking store's lock.
-        # Insert first, look up on a clash: a repeated key costs the lookup, a new job not.
-        added = self.store.add(job, actor=principal.user, reason="submitted")
-        if added is None:  # the key names a job stored before (by this or another request)
-            return self._by_key(principal, key or "", spec_text), False
-        return added, True
 
     def _dependency_problems(self, principal: Principal, spec: JobSpec) -> list[tuple[str, str]]:
         """depends_on names jobs the user can see that may still succeed."""
@@ -391,6 +399,7 @@ class Controller:
             held, broken = self._dependencies()
             for job_id, reason in broken.items():
                 self._fail_queued(job_id, reason)
+            held = self.sweeps.tick() | held  # a trial waits for its sweep's slot, or as above
             decision = self.plan(held)
             self._waiting = decision.waiting
             for victim in decision.preempt:  # the blocked job starts on a later turn
@@ -677,6 +686,8 @@ class Controller:
         result: dict = {
             key: value for key, value in metrics.items() if key.startswith(("eval.", "baseline."))
         }
+        if (metric := self.sweeps.metric_of(job)) and metric in metrics:
+            result[metric] = metrics[metric]  # what the trial's sweep ranks it by
         for key in (tags.MODEL_NAME, tags.MODEL_VERSION, tags.MODEL_ALIAS):
             if key in run_tags:
                 result[key.removeprefix("selfsup.")] = run_tags[key]

@@ -110,6 +110,8 @@ class Job(Base):
     max_retries: Mapped[int] = mapped_column(Integer, default=0)
     # The spec's depends_on, space-separated (migration 0003); None: it waits for no job.
     depends_on: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The sweep the job is a trial of (migration 0005); None: a job of its own.
+    sweep_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     progress_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -119,6 +121,28 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Sweep(Base):
+    """A sweep (pipelines/sweep.py): its trials are jobs whose ``sweep_id`` is its id. It
+    RUNS until they all end, then SUCCEEDS if one reported its metric, else FAILS."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    spec_yaml: Mapped[str] = mapped_column(Text)
+    metric: Mapped[str] = mapped_column(String(128))
+    mode: Mapped[str] = mapped_column(String(8))
+    max_parallel: Mapped[int] = mapped_column(Integer)
+    promote: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    trials: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{job_id, values}] in order
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
@@ -212,6 +236,57 @@ class JobStore:
                 raise
             return None
         return job
+
+    def add_sweep(self, sweep: Sweep, trials: list[Job], actor: str) -> None:
+        """A sweep and its trials' jobs, queued, in one transaction: all or nothing."""
+        with self._writing() as session:
+            session.add(sweep)
+            session.add_all(trials)
+            session.flush()
+            session.add_all(
+                Transition(
+                    job_id=job.id,
+                    from_state=None,
+                    to_state=job.state,
+                    actor=actor,
+                    reason=f"submitted as trial of {sweep.id}",
+                    at=job.created_at,
+                )
+                for job in trials
+            )
+
+    def sweep(self, sweep_id: str) -> Sweep | None:
+        with self._session() as session:
+            return session.get(Sweep, sweep_id)
+
+    def sweeps(
+        self, states: Iterable[JobState] | None = None, owner: str | None = None
+    ) -> list[Sweep]:
+        """Sweeps newest first, by state and owner."""
+        query = select(Sweep).order_by(Sweep.created_at.desc())
+        if states is not None:
+            query = query.where(Sweep.state.in_([str(state) for state in states]))
+        if owner is not None:
+            query = query.where(Sweep.owner == owner)
+        with self._session() as session:
+            return list(session.scalars(query))
+
+    def end_sweep(self, sweep_id: str, state: JobState, **fields: Any) -> bool:
+        """RUNNING -> ``state``, once: True if this call ended it."""
+        with self._writing() as session:
+            return bool(
+                session.execute(
+                    update(Sweep)
+                    .where(Sweep.id == sweep_id, Sweep.state == str(JobState.RUNNING))
+                    .values(state=str(state), finished_at=utcnow(), **fields)
+                ).rowcount
+            )
+
+    def trials(self, sweep_ids: Iterable[str]) -> list[Job]:
+        """The trials' jobs of the sweeps, oldest first."""
+        query = select(Job).where(Job.sweep_id.in_(list(sweep_ids))).order_by(Job.created_at)
+        with self._session() as session:
+            return list(session.scalars(query))
 
     def get(self, job_id: str) -> Job | None:
         with self._session() as session:

@@ -1,7 +1,7 @@
 """The controller with real jobs on the real stack: admission in priority order with room for
 one gang; one job cancelled and retried, preempted by a higher-priority job, its controller
 killed and restarted, its driver killed so that the controller retries it from its
-checkpoint; and the watchdog. (A Ray Train
+checkpoint; a sweep of four trials; and the watchdog. (A Ray Train
 worker killed mid-run is in tests/test_s3_storage.py, on S3 data and S3 checkpoints.)"""
 
 from __future__ import annotations
@@ -193,6 +193,57 @@ def preempt(stack: Stack, tmp_path: Path, job_id: str) -> str:
     assert requeued["message"].startswith(f"preempted by {urgent}"), requeued
     assert stack.wait_for(urgent, ("SUCCEEDED", "FAILED"), timeout=180)["state"] == "SUCCEEDED"
     return urgent
+
+
+def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Four one-CPU PCA trials (2 x 2 grid) on the 2-CPU stack, at most two at once, ranked
+    by kNN accuracy; the best trial's registered version gets the alias ``best``."""
+    model = "sweep-pca-test"
+    document = read_yaml((SPECS / "tiny-pca.yaml").read_text())
+    document["resources"] = {"workers": 1, "cpus_per_worker": 1}
+    document["evaluate"] |= {"knn": True}
+    document["register"] = {"model": model}
+    document["sweep"] = {
+        "grid": {"method.components": [2, 8], "train.seed": [0, 1]},
+        "max_parallel": 2,
+        "metric": "eval.knn.top1",
+        "promote": "best",
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(document))
+    submitted = stack.cli("sweep", "submit", str(path), "-o", "json", check=True)
+    sweep_id = json.loads(submitted.stdout)["id"]
+    deadline = time.monotonic() + 300
+    while (sweep := stack.admin.request("GET", f"/v1/sweeps/{sweep_id}"))["state"] == "RUNNING":
+        assert time.monotonic() < deadline, sweep
+        time.sleep(1)
+    assert sweep["state"] == "SUCCEEDED", sweep
+    trials = sweep["trials"]
+    assert [trial["state"] for trial in trials] == ["SUCCEEDED"] * 4
+    values = [trial["value"] for trial in trials]
+    assert values == sorted(values, reverse=True) and 0.5 < values[0] <= 1.0, values
+    assert {(t["values"]["method.components"], t["values"]["train.seed"]) for t in trials} == {
+        (2, 0),
+        (2, 1),
+        (8, 0),
+        (8, 1),
+    }
+    # Never more than two trials held the cluster at once (the history of each says when).
+    spans = []
+    for trial in trials:
+        moves = transitions(stack, trial["job_id"])
+        spans.append((next(t["at"] for t in moves if t["to"] == "STARTING"), moves[-1]["at"]))
+    for start, _ in spans:
+        assert sum(begin <= start < end for begin, end in spans) <= 2, spans
+    best = stack.admin.request("GET", f"/v1/jobs/{trials[0]['job_id']}")
+    assert best["sweep_id"] == sweep_id and sweep["result"]["best_job"] == best["id"]
+    aliases = MlflowClient(stack.tracking_uri).get_registered_model(model).aliases
+    assert str(aliases["best"]) == str(best["result"]["model_version"]), (aliases, best["result"])
+    assert sweep["message"].endswith(f"{model}@best -> version {aliases['best']}")
+    table = stack.cli("sweep", "status", sweep_id, check=True).stdout
+    assert f"1     {best['id']}  SUCCEEDED" in table, table
 
 
 def test_watchdog_fails_a_job_whose_progress_stalls(stack: Stack, tmp_path: Path) -> None:
