@@ -1,4 +1,5 @@
-"""A job's driver, run by Ray Jobs on the head node: pretrain -> evaluate -> register.
+"""A job's driver, run by Ray Jobs on the head node: pretrain -> evaluate -> register; or,
+for an evaluation job, a registered encoder evaluated as `selfsup eval` does.
 
 Usage: SELFSUP_JOB='{...}' python -m pipelines.driver   (the controller sets SELFSUP_JOB in
 the Ray Job's environment, so the driver needs no file shared with the controller.)
@@ -31,11 +32,14 @@ from ray.train import ControllerError
 from torch import nn
 
 from pipelines import tags
+from pipelines.eval_run import evaluate_as_run, open_encoder
 from pipelines.evaluate import Evaluation, evaluate_encoder, log_evaluation
+from pipelines.evaluation_job import KIND, EvaluationJobSpec
 from pipelines.pretrain import TRAIN_RUNTIME_ENV, pretrain
 from pipelines.registry import code_version, register_encoder
 from pipelines.spec import JobSpec, parse_spec
 from pipelines.user_data import UserData, check_bad_samples, evaluation_set, prepare_user_data
+from service.tracking import Tracking
 from workers.data import SampleDataset, Split, load_data_section, split_dataset
 from workers.export import load_encoder_dir
 from workers.train_loop import ENCODER_DIR
@@ -223,6 +227,23 @@ def run_job(job: dict) -> dict[str, float | str]:
     return summary
 
 
+def run_evaluation(job: dict) -> dict[str, float | str]:
+    """An evaluation job (pipelines/evaluation_job.py) into the job's own run."""
+    spec = EvaluationJobSpec.model_validate(job["spec"])
+    source = open_encoder(spec.encoder, job["tracking_uri"])
+    _, evaluation = evaluate_as_run(
+        source,
+        Tracking(job["tracking_uri"]),
+        list(spec.protocols),
+        data=spec.data,
+        test_fraction=spec.test_fraction,
+        split_seed=spec.split_seed,
+        baselines=spec.baselines,
+        run_id=job["run_id"],
+    )
+    return {"encoder": source.label, **evaluation.metrics}
+
+
 def main() -> int:
     if JOB_ENV not in os.environ:
         print(f"usage: {JOB_ENV}='<job JSON>' python -m pipelines.driver", file=sys.stderr)
@@ -231,7 +252,7 @@ def main() -> int:
     mlflow.set_tracking_uri(job["tracking_uri"])
     ray.init(runtime_env=TRAIN_RUNTIME_ENV)  # joins the cluster that runs this Ray Job
     try:
-        summary = run_job(job)
+        summary = run_evaluation(job) if job.get("kind") == KIND else run_job(job)
     except Exception as error:  # noqa: BLE001 - the job fails, with its reason recorded
         traceback.print_exc()
         client = MlflowClient(tracking_uri=job["tracking_uri"])

@@ -159,8 +159,10 @@ def evaluate_as_run(
     test_fraction: float | None = None,
     split_seed: int | None = None,
     baselines: bool = True,
+    run_id: str | None = None,
 ) -> tuple[str, Evaluation]:
-    """Evaluate ``source`` with ``protocols``; returns the new run's id and the results."""
+    """Evaluate ``source`` with ``protocols`` into a new run (or the given one: an evaluation
+    job's); returns the run's id and the results."""
     data_spec = _data_spec(source, data, test_fraction, split_seed)
     dataset, split = _labelled(source, data_spec)
     _check_fits(source, data_spec.source, dataset.images[:2])
@@ -180,8 +182,12 @@ def evaluate_as_run(
         run_tags |= {tags.MODEL_NAME: source.name, tags.MODEL_VERSION: str(source.version)}
     if source.run_id:
         run_tags["selfsup.encoder_run_id"] = source.run_id
-    run_name = f"eval-{source.name}-v{source.version}" if source.name else "eval-folder"
-    run_id = tracking.create_evaluation_run(run_name, run_tags)
+    if run_id is None:
+        run_name = f"eval-{source.name}-v{source.version}" if source.name else "eval-folder"
+        run_id = tracking.create_evaluation_run(run_name, run_tags)
+    else:
+        for key, value in run_tags.items():
+            tracking.client.set_tag(run_id, key, value)
     try:
         evaluation = evaluate_encoder(
             source.encoder,

@@ -47,6 +47,9 @@ class MethodParams(Section):
     trains_encoder: ClassVar[bool] = True
     # The encoder archs it can train; empty: any.
     encoder_archs: ClassVar[tuple[str, ...]] = ()
+    # Why a checkpoint binds the method to its number of workers (state dealt per rank), if
+    # it does: such a method's gang cannot be elastic.
+    per_rank_state: ClassVar[str] = ""
 
     def problems(self, spec: JobSpec) -> Problems:
         """What this method needs of the rest of the spec (batch, data) that it lacks."""
@@ -387,6 +390,7 @@ class DAEParams(MethodParams):
 
 @method_params
 class RBMParams(MethodParams):
+    per_rank_state: ClassVar[str] = "each worker continues its own persistent chains"
     name: Literal["rbm"]
     hidden: Width = 128
     cd_steps: Annotated[int, Field(gt=0, le=1000)] = 1  # k of CD-k
@@ -407,6 +411,7 @@ class RBMParams(MethodParams):
 
 @method_params
 class LangevinEBMParams(MethodParams):
+    per_rank_state: ClassVar[str] = "each worker continues its own persistent chains"
     name: Literal["ebm_langevin"]
     langevin_steps: Annotated[int, Field(gt=0, le=1000)] = 20
     step_size: PositiveFloat = 0.01  # y <- y - step_size * grad F(y) + noise_std * eps

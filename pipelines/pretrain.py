@@ -18,7 +18,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipelines.spec import JobSpec
+from pipelines.spec import JobSpec, TrainSpec
 from pipelines.user_data import UserData
 from workers.train_loop import train_loop_per_worker
 
@@ -30,6 +30,18 @@ MAX_WORKER_FAILURES = 2
 # report would wait for the next poll. Set on the driver's runtime env, so the controller
 # actor sees it.
 TRAIN_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}
+
+
+def checkpoint_config(train: TrainSpec) -> CheckpointConfig:
+    """Ray Train keeps ``keep_checkpoints`` of them, the latest or the lowest epoch losses
+    (the "loss" each epoch reports), and always the latest besides."""
+    if train.keep_by == "lowest_loss":
+        return CheckpointConfig(
+            num_to_keep=train.keep_checkpoints,
+            checkpoint_score_attribute="loss",
+            checkpoint_score_order="min",
+        )
+    return CheckpointConfig(num_to_keep=train.keep_checkpoints)
 
 
 def pretrain(
@@ -68,12 +80,16 @@ def pretrain(
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=(resources.sizes[0], resources.workers)
+            if resources.min_workers
+            else resources.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker,
         ),
         run_config=RunConfig(
             name=job_id,
             storage_path=storage_path,  # a folder, or a URI such as s3://bucket/prefix
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            checkpoint_config=checkpoint_config(spec.train),
             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
         ),
         **data_options,

@@ -274,17 +274,42 @@ class TrainSpec(Section):
     channels_last: bool = False  # NHWC memory layout for convolutional encoders
     compile: bool = False  # torch.compile the encoder
     sync_batchnorm: bool = False  # BatchNorm statistics over the global batch
-    # Checkpoints kept while the job runs: the latest N (resume reads the latest).
+    # Checkpoints kept while the job runs: N of them, the latest N or the N of lowest epoch
+    # loss; the latest is kept either way (resume reads it).
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
+    keep_by: Literal["latest", "lowest_loss"] = "latest"
 
 
 class ResourcesSpec(Section):
+    """``workers: 4`` is a fixed gang; ``workers: {min: 2, max: 8}`` an elastic one, kept as
+    ``workers`` (the most) and ``min_workers``: admitted when ``min`` fits, with as many as
+    fit up to ``max``; it shrinks (to no fewer than ``min``) when a node is lost, and grows
+    again when capacity frees, each time resuming from its latest epoch checkpoint. The
+    global batch stays ``train.batch_size`` at every size (each of n workers takes 1/n of
+    it), so steps per epoch and the learning-rate schedule do not depend on the size."""
+
     workers: Annotated[int, Field(gt=0, le=1024)] = 2
+    min_workers: Annotated[int, Field(gt=0, le=1024)] | None = None  # None: a fixed gang
     cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0, le=16)] = 0.0
     # CPUs for the Ray Data tasks that read and decode a user's images, beside the gang's;
     # 1 by default for file:// and s3:// sources. Builtins are held in memory and use none.
     data_cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _elastic_range(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("workers"), dict):
+            bounds = data["workers"]
+            if set(bounds) != {"min", "max"}:
+                raise ValueError("an elastic gang is workers: {min: N, max: M}")
+            data = {**data, "workers": bounds["max"], "min_workers": bounds["min"]}
+        return data
+
+    @property
+    def sizes(self) -> range:
+        """The numbers of workers the gang may run with."""
+        return range(self.min_workers or self.workers, self.workers + 1)
 
 
 LabelFraction = Annotated[float, Field(gt=0, lt=1)]
@@ -392,7 +417,11 @@ class JobSpec(Section):
         for name in USER_DATA_FIELDS:
             if document["data"][name] is None:  # unset: the hash of older specs stands
                 document["data"].pop(name)
-        for section, name in (("resources", "data_cpus"), ("evaluate", "data")):
+        for section, name in (
+            ("resources", "data_cpus"),
+            ("resources", "min_workers"),
+            ("evaluate", "data"),
+        ):
             if section in document and document[section][name] is None:
                 document[section].pop(name)
         return document
@@ -402,7 +431,8 @@ class JobSpec(Section):
         dependencies, nor the CPUs that decode the data)."""
         shaping = self._document({"priority", "max_retries", "registration", "depends_on"})
         shaping["resources"].pop("data_cpus", None)
-        shaping["train"].pop("keep_checkpoints")  # what is kept on disk, not what trains
+        for kept in ("keep_checkpoints", "keep_by"):  # what is kept on disk, not what trains
+            shaping["train"].pop(kept)
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -436,12 +466,27 @@ class JobSpec(Section):
 
 def _cross_field_problems(spec: JobSpec) -> Problems:
     problems: Problems = []
-    if spec.train.batch_size % spec.resources.workers:
+    resources, batch = spec.resources, spec.train.batch_size
+    if resources.min_workers is not None and resources.min_workers > resources.workers:
+        problems.append(("resources.workers", f"min {resources.min_workers} is above max"))
+    elif undivided := [size for size in resources.sizes if batch % size]:
+        what = (
+            f"resources.workers ({resources.workers})"
+            if resources.min_workers is None
+            else f"{', '.join(map(str, undivided))} workers, sizes the elastic gang may take"
+        )
         problems.append(
             (
                 "train.batch_size",
-                f"{spec.train.batch_size} is not divisible by resources.workers "
-                f"({spec.resources.workers}): each worker takes an equal share of the global batch",
+                f"{batch} is not divisible by {what}: each worker takes an equal share of the "
+                "global batch",
+            )
+        )
+    elif len(resources.sizes) > 1 and spec.method.per_rank_state:
+        problems.append(
+            (
+                "resources.workers",
+                f"{spec.method.name} cannot be elastic: {spec.method.per_rank_state}",
             )
         )
     elif spec.train.batch_size // spec.resources.workers < 2:

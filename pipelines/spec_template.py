@@ -27,7 +27,7 @@ _SECTION_NOTES = {
     "data": "builtin:digits | builtin:patches | builtin:spiral | file:///folder | s3://bucket/prefix",
     "augment": "the views contrastive methods compare",
     "train": "the optimisation; batch_size is the global batch over all workers",
-    "resources": "the gang: all workers start together or not at all",
+    "resources": "the gang: all workers start together or not at all; {min, max}: elastic",
     "evaluate": "protocols run on the held-out split after training",
     "register": "the MLflow model the encoder is registered as, and the alias moved to it",
 }

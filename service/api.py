@@ -66,6 +66,8 @@ def job_view(controller: Controller, job: Job, detail: bool = False) -> dict[str
         "state": job.state,
         "priority": job.priority,
         "workers": job.workers,
+        "min_workers": job.min_workers,  # an elastic gang's range; None for a fixed one
+        "max_workers": job.max_workers,
         "cpus": job.cpus,
         "gpus": job.gpus,
         "attempts": job.attempts,
@@ -78,6 +80,7 @@ def job_view(controller: Controller, job: Job, detail: bool = False) -> dict[str
         "mlflow_run_id": job.mlflow_run_id,
         "result": job.result or {},
         "sweep_id": job.sweep_id,
+        "kind": job.kind,
     }
     if detail:
         progress = controller.progress(job)
@@ -89,7 +92,7 @@ def job_view(controller: Controller, job: Job, detail: bool = False) -> dict[str
                 else None
             ),
             "progress": asdict(progress) if progress else None,
-            "epochs": job.spec["train"]["epochs"],
+            "epochs": job.spec["train"]["epochs"] if job.kind == "pretrain" else None,
             "run_url": controller.run_url(job),
         }
     return view
@@ -190,8 +193,9 @@ def create_app(controller: Controller) -> FastAPI:
         spec, cpus, gpus = controller.validate(user, request.spec)
         return {
             "name": spec.name,
+            "kind": getattr(spec, "kind", "pretrain"),
             "config_hash": spec.config_hash(),
-            "workers": spec.resources.workers,
+            "workers": getattr(spec.resources, "workers", 0),
             "cpus": cpus,
             "gpus": gpus,
             "spec": spec.model_dump(mode="json", by_alias=True),

@@ -22,12 +22,14 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from pipelines import tags
+from pipelines.evaluation_job import AnyJobSpec, EvaluationJobSpec, load_job_text
 from pipelines.sources import source_problems
-from pipelines.spec import JobSpec, SpecError, load_spec_text, parse_spec
+from pipelines.spec import JobSpec, SpecError, parse_spec
 from service.auth import Principal
 from service.checkpoints import delete_checkpoints
 from service.errors import IdempotencyConflict, JobConflict, JobNotFound
 from service.ray_jobs import RayJobPhase, RayJobs, submission_id
+from service.registry import Registry, RegistryError, parse_reference
 from service.scheduler import (
     Plan,
     Policy,
@@ -61,12 +63,13 @@ def ray_id(job: Job) -> str:
 _log = logging.getLogger(__name__)
 
 
-def gang_resources(spec: JobSpec) -> tuple[float, float]:
-    """CPUs and GPUs the whole gang of workers needs at once, with the CPUs that decode a
-    user's images beside it."""
+def gang_resources(spec: JobSpec, workers: int | None = None) -> tuple[float, float]:
+    """CPUs and GPUs the whole gang of workers (of ``workers``, default the most it may
+    have) needs at once, with the CPUs that decode a user's images beside it."""
     resources = spec.resources
-    cpus = resources.workers * resources.cpus_per_worker + (resources.data_cpus or 0.0)
-    return cpus, resources.workers * resources.gpus_per_worker
+    workers = workers or resources.workers
+    cpus = workers * resources.cpus_per_worker + (resources.data_cpus or 0.0)
+    return cpus, workers * resources.gpus_per_worker
 
 
 def data_problems(spec: JobSpec) -> list[tuple[str, str]]:
@@ -134,18 +137,22 @@ class Controller:
 
     # ---- user requests ----------------------------------------------------------------------
 
-    def validate(self, principal: Principal, spec_text: str) -> tuple[JobSpec, float, float]:
+    def validate(self, principal: Principal, spec_text: str) -> tuple[AnyJobSpec, float, float]:
         """Every submit-time check, nothing stored: the spec, its data source listed, the jobs
         it depends on, its gang against the cluster. The spec and the gang's CPUs and GPUs; a
         SpecError if it fails."""
-        spec = load_spec_text(spec_text)
+        spec = load_job_text(spec_text)
         return (spec, *self.check(principal, spec))
 
-    def check(self, principal: Principal, spec: JobSpec) -> tuple[float, float]:
+    def check(self, principal: Principal, spec: AnyJobSpec) -> tuple[float, float]:
         """The checks of a parsed spec beyond its own fields; the gang's CPUs and GPUs."""
+        if isinstance(spec, EvaluationJobSpec):
+            return self._check_evaluation(principal, spec)
         if problems := data_problems(spec) + self._dependency_problems(principal, spec):
             raise SpecError(problems)
-        cpus, gpus = gang_resources(spec)
+        # An elastic gang must fit at its smallest; it is admitted with as many as fit.
+        fewest = spec.resources.sizes[0]
+        cpus, gpus = gang_resources(spec, fewest)
         total = self.capacity()
         if cpus > total.cpus + 1e-9 or gpus > total.gpus + 1e-9:
             raise SpecError(
@@ -157,7 +164,7 @@ class Controller:
                     )
                 ]
             )
-        asked = spec.resources.workers * spec.resources.cpus_per_worker
+        asked = fewest * spec.resources.cpus_per_worker
         if asked > total.training_cpus + 1e-9:
             raise SpecError(
                 [
@@ -169,7 +176,24 @@ class Controller:
                     )
                 ]
             )
-        return cpus, gpus
+        return gang_resources(spec)
+
+    def _check_evaluation(
+        self, principal: Principal, spec: EvaluationJobSpec
+    ) -> tuple[float, float]:
+        """The encoder is registered, the data source can be read, the CPUs exist."""
+        problems = self._dependency_problems(principal, spec)
+        try:
+            Registry(self.settings.tracking_uri).resolve(parse_reference(spec.encoder))
+        except RegistryError as error:
+            problems.append(("encoder", str(error)))
+        if spec.data and spec.data.startswith(("file://", "s3://")):
+            problems += source_problems(spec.data, "data")
+        if spec.resources.cpus > self.capacity().cpus + 1e-9:
+            problems.append(("resources.cpus", f"the cluster has {self.capacity().cpus:g} CPUs"))
+        if problems:
+            raise SpecError(problems)
+        return spec.resources.cpus, 0.0
 
     def submit(
         self, principal: Principal, spec_text: str, key: str | None = None
@@ -190,7 +214,7 @@ class Controller:
     def new_job(
         self,
         principal: Principal,
-        spec: JobSpec,
+        spec: AnyJobSpec,
         spec_text: str,
         gang: tuple[float, float],
         key: str | None = None,
@@ -198,7 +222,7 @@ class Controller:
     ) -> Job:
         """A QUEUED job, not stored yet, for a checked spec and its gang's CPUs and GPUs."""
         now = utcnow()
-        return Job(
+        job = Job(
             id=f"job-{uuid.uuid4().hex[:12]}",
             name=spec.name,
             owner=principal.user,
@@ -208,16 +232,23 @@ class Controller:
             spec_yaml=spec_text,
             spec=spec.model_dump(mode="json"),
             config_hash=spec.config_hash(),
-            workers=spec.resources.workers,
             cpus=gang[0],
             gpus=gang[1],
-            worker_cpus=spec.resources.workers * spec.resources.cpus_per_worker,
             max_retries=spec.max_retries,
             depends_on=" ".join(spec.depends_on) or None,
             sweep_id=sweep_id,
             created_at=now,
             updated_at=now,
         )
+        if isinstance(spec, EvaluationJobSpec):  # the driver alone: no Train workers
+            job.kind, job.workers, job.worker_cpus = spec.kind, 0, 0.0
+            return job
+        resources = spec.resources
+        job.kind, job.workers = "pretrain", resources.workers
+        job.worker_cpus = resources.workers * resources.cpus_per_worker
+        job.min_workers = resources.min_workers
+        job.max_workers = resources.workers if resources.min_workers else None
+        return job
 
     def _dependency_problems(self, principal: Principal, spec: JobSpec) -> list[tuple[str, str]]:
         """depends_on names jobs the user can see that may still succeed."""
@@ -407,7 +438,9 @@ class Controller:
             for admitted in decision.admit:
                 job = self.store.get(admitted.id)
                 if job is not None:
-                    self._start(job)
+                    self._start(job, admitted)
+            for grown in decision.grow:
+                self._grow(grown)
             self._estimate_start(decision, now)
 
     def plan(self, held: dict[str, str] | None = None) -> Plan:
@@ -434,7 +467,9 @@ class Controller:
                     self._epochs_done.get(job.id),
                     job.spec["train"]["epochs"],
                     now,
-                ),
+                )
+                if job.kind == "pretrain"
+                else None,  # an evaluation reports no epochs
                 job,
             )
             for job in self.store.list(ACTIVE_STATES)
@@ -526,7 +561,11 @@ class Controller:
         """The job's MLflow run, made now if it has none; None if the job ended meanwhile."""
         if job.mlflow_run_id:
             return job.mlflow_run_id
-        run_id = self.tracking.create_job_run(job.id, parse_spec(job.spec))
+        if job.kind == "pretrain":
+            run_id = self.tracking.create_job_run(job.id, parse_spec(job.spec))
+        else:
+            run_tags = {tags.JOB_ID: job.id, tags.RUN_KIND: "evaluation"}
+            run_id = self.tracking.create_evaluation_run(job.id, run_tags)
         if not self.store.set_run(job.id, run_id):  # another controller made it first
             self.tracking.delete_run(run_id)
         stored = self.store.get(job.id)
@@ -536,24 +575,51 @@ class Controller:
             return None
         return stored.mlflow_run_id
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, size: Schedulable) -> None:
+        """Admit the job at ``size`` (an elastic gang's admitted number of workers)."""
         if self._open_run(job) is None:
             return
         if (refusal := self._registry_refusal(job)) is not None:
             self._fail_queued(job.id, refusal)
             return
+        reason = "admitted: the gang fits"
+        if job.min_workers:
+            reason += f" with {size.workers} workers ({job.min_workers} to {job.max_workers})"
+        self._begin_attempt(job, [JobState.QUEUED], size, reason)
+
+    def _grow(self, size: Schedulable) -> None:
+        """Restart a running elastic job with more workers, from its latest checkpoint."""
+        job = self.store.get(size.id)
+        if job is None or job.state != JobState.RUNNING:
+            return
+        self.ray.stop(ray_id(job))
+        self._archive_logs(job)
+        reason = (
+            f"grows from {job.workers} to {size.workers} workers, as capacity freed: resumes "
+            "from its latest checkpoint"
+        )
+        self._begin_attempt(job, [JobState.RUNNING], size, reason)
+
+    def _begin_attempt(
+        self, job: Job, states: list[JobState], size: Schedulable, reason: str
+    ) -> None:
+        """A new attempt of the job at ``size``, handed to Ray."""
         now = utcnow()
         moved = self.store.transition(
             job.id,
-            [JobState.QUEUED],
+            states,
             JobState.STARTING,
             CONTROLLER,
-            "admitted: the gang fits",
+            reason,
             started_at=now,
             attempts=job.attempts + 1,
             message=None,  # the last attempt's account (a failure, a preemption) is history
             progress_step=None,
             progress_at=now,  # the watchdog counts from the admission
+            workers=size.workers,
+            cpus=size.cpus,
+            gpus=size.gpus,
+            worker_cpus=size.worker_cpus,
         )
         if not moved:
             return
@@ -566,8 +632,10 @@ class Controller:
         """Why the job may not register its encoder where its spec says, if it may not: the
         model is another user's. Its driver writes with the controller's MLflow account, so
         the check is the controller's, before any training."""
+        if self.accounts is None or job.kind != "pretrain":
+            return None
         registration = parse_spec(job.spec).registration
-        if self.accounts is None or registration is None:
+        if registration is None:
             return None
         if self.accounts.may_write_model(job.owner, registration.model):
             return None
@@ -580,8 +648,8 @@ class Controller:
     def _grant(self, job: Job, result: dict) -> str:
         """Let the owner write the model the job registered (before the job ends, so that a
         controller dying in between grants on its next look); a note if that failed."""
-        if self.accounts is None or "model_name" not in result:
-            return ""
+        if self.accounts is None or job.kind != "pretrain" or "model_name" not in result:
+            return ""  # an evaluation names the model it read, and registers nothing
         try:
             self.accounts.grant_model(job.owner, result["model_name"])
         except MlflowException as error:
@@ -589,9 +657,15 @@ class Controller:
         return ""
 
     def _hand_over(self, job: Job) -> None:
+        # The attempt's own size: an elastic gang runs with workers from its min to the
+        # number admitted (Ray Train shrinks it on a lost node, and grows it back).
+        spec = job.spec
+        if job.kind == "pretrain":
+            spec = {**spec, "resources": {**spec["resources"], "workers": job.workers}}
         payload = {
+            "kind": job.kind,
             "job_id": job.id,
-            "spec": job.spec,
+            "spec": spec,
             "run_id": job.mlflow_run_id,
             "tracking_uri": self.settings.tracking_uri,
             "storage_path": self.settings.storage_path,
@@ -629,8 +703,8 @@ class Controller:
 
     def _watch(self, job: Job, now: datetime) -> None:
         """The watchdog: a running job whose training step has not moved for watchdog_s is
-        stopped and handled as a failure that is not the user's."""
-        if not job.mlflow_run_id:
+        stopped and handled as a failure that is not the user's. Evaluations report no steps."""
+        if not job.mlflow_run_id or job.kind != "pretrain":
             return
         progress = self.tracking.progress(job.mlflow_run_id)
         if progress.epoch is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -72,6 +72,9 @@ class Policy:
     fair_share_per_worker: float = 0.0
     user_weights: Mapping[str, float] = field(default_factory=dict)
     preemption: Literal["never", "lower_priority"] = "never"
+    # An elastic job grows (a restart from its latest checkpoint) only after running this long
+    # at its size, so that capacity freeing in steps does not restart it at every step.
+    grow_after_s: float = 60.0
 
     def share_penalty(self, owner: str, running_workers: int) -> float:
         return self.fair_share_per_worker * running_workers / self.user_weights.get(owner, 1.0)
@@ -84,6 +87,7 @@ class Plan:
     blocked: Schedulable | None = None  # the first job that waits for capacity
     free: Resources | None = None  # what is free once the admitted jobs start
     preempt: list[Schedulable] = field(default_factory=list)  # running jobs to stop for blocked
+    grow: list[Schedulable] = field(default_factory=list)  # running elastic jobs, at their new size
 
 
 def end_estimate(
@@ -193,6 +197,30 @@ def victims(
     return chosen
 
 
+def sized(job: Schedulable, workers: int) -> Schedulable:
+    """An elastic job as a gang of ``workers``: CPUs and GPUs per worker as at its current
+    size, the CPUs that decode its data unchanged."""
+    if workers == job.workers:
+        return job
+    per_worker = _training_cpus(job) / job.workers
+    return replace(
+        job,
+        workers=workers,
+        cpus=job.cpus - _training_cpus(job) + per_worker * workers,
+        gpus=job.gpus / job.workers * workers,
+        worker_cpus=per_worker * workers,
+    )
+
+
+def _largest_fit(job: Schedulable, free: Resources, workers_left: float) -> Schedulable | None:
+    """The job at the most workers of its range that fit ``free`` and the owner's cap."""
+    low, high = (job.min_workers, job.max_workers) if job.min_workers else (job.workers,) * 2
+    for workers in range(min(high or job.workers, int(min(workers_left, 1 << 20))), low - 1, -1):
+        if free.fits(candidate := sized(job, workers)):
+            return candidate
+    return None
+
+
 def plan(
     queued: list[Schedulable],
     active: list[Schedulable],
@@ -201,9 +229,10 @@ def plan(
     now: datetime,
     held: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Which queued jobs to start now, and for each other one, why it waits. ``held`` maps
-    the jobs that wait for other jobs to why: they are not admitted and, since capacity is
-    not what they wait for, block no one behind them."""
+    """Which queued jobs to start now (an elastic one at the most workers that fit), and for
+    each other one, why it waits; and when no job waits for capacity, which running elastic
+    jobs grow into what is free. ``held`` maps the jobs that wait for other jobs to why: they
+    are not admitted and, since capacity is not what they wait for, block no one behind them."""
     held = held or {}
     result = Plan()
     if policy.paused:
@@ -216,37 +245,31 @@ def plan(
         workers_by_owner[job.owner] = workers_by_owner.get(job.owner, 0) + job.workers
     blocker: Schedulable | None = None
     ordered = queue_order(queued, now, policy, dict(workers_by_owner))
+    cap = policy.max_workers_per_user
     for position, job in enumerate(ordered, start=1):
         owned = workers_by_owner.get(job.owner, 0)
-        cap = policy.max_workers_per_user
+        smallest = sized(job, job.min_workers) if job.min_workers else job
         if job.id in held:
             result.waiting[job.id] = held[job.id]
-        elif cap is not None and owned + job.workers > cap:
+        elif cap is not None and owned + smallest.workers > cap:
             result.waiting[job.id] = (
-                f"user {job.owner} has {owned} workers running; this job's {job.workers} more "
-                f"would pass the per-user cap of {cap}"
+                f"user {job.owner} has {owned} workers running; this job's {smallest.workers} "
+                f"more would pass the per-user cap of {cap}"
             )
         elif blocker is not None:
             result.waiting[job.id] = (
                 f"position {position} in the queue, behind {blocker.id}, which waits for "
                 "capacity (no job jumps ahead of a gang that does not fit)"
             )
-        elif not free.fits(job):
-            blocker = result.blocked = job
-            result.waiting[job.id] = (
-                f"waiting for capacity: the gang needs {job.cpus:g} CPUs and {job.gpus:g} GPUs "
-                f"at once; free now {max(free.cpus, 0):g} CPUs and {max(free.gpus, 0):g} GPUs "
-                f"of {total.cpus:g} and {total.gpus:g}"
-            )
-            if _training_cpus(job) > free.training_cpus + 1e-9:
-                result.waiting[job.id] += (
-                    f"; its workers need {_training_cpus(job):g} CPUs on the nodes that train, "
-                    f"{max(free.training_cpus, 0):g} free there of {total.training_cpus:g}"
-                )
+        elif (fitted := _largest_fit(job, free, math.inf if cap is None else cap - owned)) is None:
+            blocker = result.blocked = smallest
+            result.waiting[job.id] = _capacity_reason(smallest, free, total)
         else:
-            result.admit.append(job)
-            free = free.minus(job)
-            workers_by_owner[job.owner] = owned + job.workers
+            result.admit.append(fitted)
+            free = free.minus(fitted)
+            workers_by_owner[job.owner] = owned + fitted.workers
+    if blocker is None:
+        free = _grow(active, free, workers_by_owner, policy, now, result)
     result.free = free
     if blocker is not None and policy.preemption == "lower_priority":
         result.preempt = victims(blocker, active, free, policy, now, workers_by_owner)
@@ -255,3 +278,47 @@ def plan(
                 f"{job.id} (priority {job.priority})" for job in result.preempt
             )
     return result
+
+
+def _capacity_reason(job: Schedulable, free: Resources, total: Resources) -> str:
+    least = f" (at least {job.workers} workers)" if job.min_workers else ""
+    reason = (
+        f"waiting for capacity: the gang{least} needs {job.cpus:g} CPUs and {job.gpus:g} GPUs "
+        f"at once; free now {max(free.cpus, 0):g} CPUs and {max(free.gpus, 0):g} GPUs "
+        f"of {total.cpus:g} and {total.gpus:g}"
+    )
+    if _training_cpus(job) > free.training_cpus + 1e-9:
+        reason += (
+            f"; its workers need {_training_cpus(job):g} CPUs on the nodes that train, "
+            f"{max(free.training_cpus, 0):g} free there of {total.training_cpus:g}"
+        )
+    return reason
+
+
+def _grow(
+    active: list[Schedulable],
+    free: Resources,
+    workers_by_owner: dict[str, int],
+    policy: Policy,
+    now: datetime,
+    result: Plan,
+) -> Resources:
+    """Running elastic jobs below their most, that have run ``grow_after_s`` at their size,
+    grow into what no queued job waits for, the longest running first; the free left."""
+    growable = [
+        job
+        for job in active
+        if job.max_workers
+        and job.workers < job.max_workers
+        and job.started_at is not None
+        and (aware(now) - aware(job.started_at)).total_seconds() >= policy.grow_after_s
+    ]
+    for job in sorted(growable, key=lambda job: aware(job.started_at or now)):
+        cap = policy.max_workers_per_user
+        owned = workers_by_owner.get(job.owner, 0) - job.workers
+        grown = _largest_fit(job, free.plus(job), math.inf if cap is None else cap - owned)
+        if grown is not None and grown.workers > job.workers:
+            result.grow.append(grown)
+            free = free.plus(job).minus(grown)
+            workers_by_owner[job.owner] = owned + grown.workers
+    return free

@@ -71,6 +71,8 @@ class Admissible:
     gpus: float
     worker_cpus: float | None  # on the nodes that train; None (older jobs): all of ``cpus``
     started_at: datetime | None  # of the latest attempt; preemption stops the latest first
+    min_workers: int | None = None  # an elastic gang's range; None: a fixed gang
+    max_workers: int | None = None
 
 
 def utcnow() -> datetime:
@@ -105,11 +107,17 @@ class Job(Base):
     gpus: Mapped[float] = mapped_column(Float)
     # The Train workers' share of ``cpus`` (migration 0004; None for older jobs).
     worker_cpus: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # An elastic gang's range (migration 0005; None: fixed). ``workers``, ``cpus``, ``gpus``
+    # and ``worker_cpus`` are then its latest size: the most at submit, what was admitted.
+    min_workers: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_workers: Mapped[int | None] = mapped_column(Integer, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # hand-overs to Ray
     retries: Mapped[int] = mapped_column(Integer, default=0)  # automatic retries used
     max_retries: Mapped[int] = mapped_column(Integer, default=0)
     # The spec's depends_on, space-separated (migration 0003); None: it waits for no job.
     depends_on: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # What the job does (migration 0005): "pretrain", or "evaluate" a registered encoder.
+    kind: Mapped[str] = mapped_column(String(16), default="pretrain", server_default="pretrain")
     # The sweep the job is a trial of (migration 0005); None: a job of its own.
     sweep_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -329,6 +337,8 @@ class JobStore:
             Job.gpus,
             Job.worker_cpus,
             Job.started_at,
+            Job.min_workers,
+            Job.max_workers,
         ).where(Job.state.in_([str(state) for state in states]))
         with self.engine.connect() as connection:
             # Plain tuples into slotted objects: the planner reads each field of 10,000 jobs

@@ -4,10 +4,11 @@ basic-auth app and ``--artifacts-destination s3://``, a Ray head and three worke
 (one CPU and one unit of the custom resource ``selfsup_worker`` each), token auth on Ray.
 
 One PIRL job on users' images streamed from S3 (corrupt files among them, skipped and
-counted) runs its two Train workers on two worker nodes. A worker node that holds one of
-them is killed (its raylet, by pid), and the controller too: the gang restarts on the nodes
-left from the latest checkpoint on S3, the steps go on from the checkpoint's, `selfsup up
---production` brings the controller back, which reconciles and finishes the job. Then: no
+counted) is an elastic gang of two to three workers: admitted with three, one on each worker
+node. A worker node is killed (its raylet, by pid), and the controller too: the gang goes on
+with two workers on the nodes left, from the latest checkpoint on S3, with the same global
+batch and the steps going on from the checkpoint's; `selfsup up --production` brings the
+controller back, which reconciles and finishes the job. Then: no
 one reads MLflow without signing in, a registered model is written only by its job's owner
 and admins, and no secret is in what users and operators read."""
 
@@ -44,6 +45,7 @@ from workers.train_loop import REFERENCE_FILE
 
 MODEL = "test-pirl-production"
 EPOCHS = 4
+GLOBAL_BATCH = 96
 WORKER_NODES = 3
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 PCA_DIGITS = Path(__file__).parent.parent / "examples" / "pca-digits.yaml"
@@ -187,8 +189,10 @@ def finished_job(production: Production, tmp_path_factory: pytest.TempPathFactor
     method = {"name": "pirl", "num_negatives": 64, "projection_dim": 32, "hidden_dim": 64}
     document = job_document(MODEL, method, bucket, max_bad_fraction=0.1)
     document["train"]["epochs"] = EPOCHS
-    # One CPU a worker, one per node: the gang must span two worker nodes.
-    document["resources"] |= {"cpus_per_worker": 1}
+    # One CPU a worker, one per node: the gang spans the three worker nodes, and shrinks to
+    # two. The global batch divides by both sizes: 32 images a worker at 3, 48 at 2.
+    document["resources"] |= {"cpus_per_worker": 1, "workers": {"min": 2, "max": 3}}
+    document["train"]["batch_size"] = GLOBAL_BATCH
     document["evaluate"] |= {"knn": False}
     spec = tmp_path_factory.mktemp("production-job") / "pirl.yaml"
     spec.write_text(json.dumps(document))
@@ -204,7 +208,9 @@ def finished_job(production: Production, tmp_path_factory: pytest.TempPathFactor
         assert time.monotonic() < deadline, ("no two checkpoints on S3", job)
         time.sleep(0.3)
     spread = _node_of_each_train_worker(production)
-    assert len(spread) == 2 and all(len(pids) == 1 for pids in spread.values()), spread
+    assert len(spread) == 3 and all(len(pids) == 1 for pids in spread.values()), spread
+    admitted = production.wait_for(job_id, alice, ("RUNNING",))
+    assert (admitted["workers"], admitted["min_workers"], admitted["max_workers"]) == (3, 2, 3)
     lost_node = sorted(spread)[0]
     (raylet,) = find(production.info["services"][lost_node], "raylet")
     os.kill(raylet, signal.SIGKILL)
@@ -225,7 +231,7 @@ def test_a_pirl_job_survives_a_lost_worker_node_and_a_killed_controller(
 ) -> None:
     job = finished_job
     assert job["state"] == "SUCCEEDED", job["message"]
-    assert job["attempts"] == 1  # the gang restarted inside the run: no retry of the job
+    assert job["attempts"] == 1  # the gang shrank inside the run: no retry of the job
     # The lost node is gone from the cluster; the gang finished on the two left.
     assert _node_of_each_train_worker(production).keys().isdisjoint({job["lost_node"]})
 
@@ -234,11 +240,13 @@ def test_a_pirl_job_survives_a_lost_worker_node_and_a_killed_controller(
     run = client.get_run(job["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     (resume,) = client.get_metric_history(run.info.run_id, "train.resumed_from_epoch")
+    sizes = [m.value for m in client.get_metric_history(run.info.run_id, "train.workers")]
+    assert sizes[0] == 3 and sizes[-1] == 2 and sizes == sorted(sizes, reverse=True), sizes
     for name, value in production.s3.env.items():  # the bucket listed from here, as the driver did
         monkeypatch.setenv(name, value)
     catalog = Catalog.list(ImageSource.parse(job["bucket"]))
     train = split_samples(len(catalog.keys), catalog_labels(catalog), 0.25, 0).train
-    steps_per_epoch = len(train) // 2 // 32  # 2 ranks, 32 images each a step
+    steps_per_epoch = len(train) // GLOBAL_BATCH  # at either size
     assert resume.step == (int(resume.value) + 1) * steps_per_epoch
     steps = client.get_metric_history(run.info.run_id, "train.step")
     assert max(m.step for m in steps) == EPOCHS * steps_per_epoch

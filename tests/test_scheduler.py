@@ -33,6 +33,8 @@ class FakeJob:  # the scheduler's Schedulable protocol; the store's Job has the 
     gpus: float = 0.0
     worker_cpus: float | None = None
     started_at: datetime | None = None
+    min_workers: int | None = None
+    max_workers: int | None = None
 
 
 def test_priority_then_age() -> None:
@@ -277,3 +279,77 @@ def test_preemption_frees_just_enough_and_only_of_lower_priority(
     assert free.fits(blocked)  # once the victims are gone, the gang fits ...
     for job in result.preempt:  # ... and it would not with any one of them left running
         assert not free.minus(job).fits(blocked)
+
+
+def elastic(
+    name: str, low: int, high: int, workers: int | None = None, **fields: object
+) -> FakeJob:
+    """An elastic gang of one CPU a worker and half a CPU decoding data, at ``workers``."""
+    size = workers or high
+    return FakeJob(
+        name,
+        workers=size,
+        cpus=size + 0.5,
+        worker_cpus=float(size),
+        min_workers=low,
+        max_workers=high,
+        **fields,
+    )
+
+
+def test_an_elastic_job_starts_with_the_most_workers_that_fit() -> None:
+    job = elastic("elastic", 2, 4)
+    (admitted,) = plan([job], [], Resources(3.5, 0), Policy(), NOW).admit
+    assert (admitted.workers, admitted.cpus, admitted.worker_cpus) == (3, 3.5, 3.0)
+    capped = plan([job], [], Resources(8, 0), Policy(max_workers_per_user=2), NOW).admit
+    assert [j.workers for j in capped] == [2]  # the owner's cap bounds the size too
+    narrow = FakeJob("narrow", created_at=NOW + timedelta(seconds=1))
+    waiting = plan([job, narrow], [], Resources(2, 0), Policy(aging_per_minute=0), NOW)
+    assert (
+        waiting.admit == []
+        and "the gang (at least 2 workers) needs 2.5 CPUs" in waiting.waiting["elastic"]
+    )
+    assert waiting.blocked is not None and waiting.blocked.workers == 2
+    assert "behind elastic" in waiting.waiting["narrow"]  # its minimum blocks the queue
+
+
+def test_a_running_elastic_job_grows_when_no_one_waits_for_capacity() -> None:
+    settled = elastic("settled", 2, 4, workers=2, started_at=NOW - timedelta(minutes=5))
+    fresh = elastic("fresh", 2, 4, workers=2, started_at=NOW - timedelta(seconds=10))
+    (grown,) = plan([], [settled, fresh], Resources(8, 0), Policy(), NOW).grow
+    assert (grown.id, grown.workers, grown.cpus) == ("settled", 4, 4.5)  # fresh: too soon
+    wide = FakeJob("wide", cpus=4)
+    behind_a_waiter = plan([wide], [settled, fresh], Resources(8, 0), Policy(), NOW)
+    assert behind_a_waiter.grow == [] and "capacity" in behind_a_waiter.waiting["wide"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    queued=st.lists(
+        st.tuples(st.integers(1, 3), st.integers(0, 3), st.integers(-2, 2)), max_size=6
+    ),
+    running=st.lists(
+        st.tuples(st.integers(1, 3), st.integers(0, 3), st.integers(0, 10)), max_size=4
+    ),
+    cpus=st.sampled_from([2.0, 5.0, 9.0]),
+)
+def test_elastic_sizes_stay_in_range_and_never_overcommit(
+    queued: list[tuple[int, int, int]], running: list[tuple[int, int, int]], cpus: float
+) -> None:
+    waiting = [
+        elastic(f"q{i}", low, low + extra, priority=priority)
+        for i, (low, extra, priority) in enumerate(queued)
+    ]
+    active = [
+        elastic(f"r{i}", low, low + extra, workers=low, started_at=NOW - timedelta(minutes=minutes))
+        for i, (low, extra, minutes) in enumerate(running)
+    ]
+    result = plan(waiting, active, Resources(cpus, 0), Policy(), NOW)
+    for job in [*result.admit, *result.grow]:
+        assert job.min_workers <= job.workers <= job.max_workers
+        assert job.cpus == job.workers + 0.5 and job.worker_cpus == job.workers
+    grown = {job.id: job for job in result.grow}
+    after = [grown.get(job.id, job) for job in active] + result.admit
+    if sum(job.cpus for job in active) <= cpus:
+        assert sum(job.cpus for job in after) <= cpus + 1e-9
+    assert not (result.grow and result.blocked)  # growth only when no one waits for room

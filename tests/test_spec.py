@@ -73,6 +73,29 @@ def test_batch_size_must_split_evenly_across_workers() -> None:
     assert "divisible" in problems["train.batch_size"]
 
 
+def test_an_elastic_gang_is_a_range_whose_every_size_splits_the_batch() -> None:
+    document = example_document()
+    document["resources"]["workers"] = {"min": 2, "max": 4}
+    document["train"]["batch_size"] = 240
+    spec = parse_spec(document)
+    assert (spec.resources.workers, spec.resources.min_workers) == (4, 2)
+    assert list(spec.resources.sizes) == [2, 3, 4]
+    # The stored form reads back the same, and the range is part of what shapes the result.
+    assert parse_spec(spec.model_dump(mode="json", by_alias=True)) == spec
+    assert spec.config_hash() != parse_spec({**document, "resources": {"workers": 4}}).config_hash()
+
+    document["train"]["batch_size"] = 256
+    assert "not divisible by 3 workers" in problems_of(document)["train.batch_size"]
+    document["resources"]["workers"] = {"min": 4, "max": 2}
+    assert problems_of(document)["resources.workers"] == "min 4 is above max"
+    document["resources"]["workers"] = {"min": 2}
+    assert "workers: {min: N, max: M}" in problems_of(document)["resources"]
+    persistent = example_document() | {"method": {"name": "rbm", "persistent": True}}
+    persistent["augment"] = {"preset": "none"}
+    persistent["resources"] = {"workers": {"min": 1, "max": 2}}
+    assert "rbm cannot be elastic" in problems_of(persistent)["resources.workers"]
+
+
 def test_missing_required_fields_and_unknown_sections() -> None:
     problems = problems_of({"method": {"name": "simclr"}, "trian": {}})
     assert "name" in problems

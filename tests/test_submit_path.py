@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.pretrain import checkpoint_config
 from pipelines.spec import SpecError, apply_overrides, load_spec_text
 from service import controller as controller_module
 from service.auth import USER, Principal
@@ -144,3 +145,31 @@ def test_checkpoints_past_retention_are_deleted_once(tmp_path: Path) -> None:
     kept = load_spec_text(apply_overrides(TINY, ["train.keep_checkpoints=5"]))
     assert kept.train.keep_checkpoints == 5
     assert kept.config_hash() == load_spec_text(TINY).config_hash()
+    # Keep-best: Ray Train keeps the N lowest epoch losses (and the latest, to resume from).
+    best = load_spec_text(apply_overrides(TINY, ["train.keep_by=lowest_loss"]))
+    config = checkpoint_config(best.train)
+    assert (config.num_to_keep, config.checkpoint_score_attribute) == (2, "loss")
+    assert config.checkpoint_score_order == "min" and best.config_hash() == kept.config_hash()
+    assert checkpoint_config(kept.train).checkpoint_score_attribute is None
+
+
+def test_an_elastic_job_is_stored_with_its_range_and_planned_at_what_fits(tmp_path: Path) -> None:
+    """The 2-CPU cluster: a gang of 1 to 3 one-CPU workers is accepted (its least fits) and
+    planned with 2; one whose least is 3 is refused at submit."""
+    controller = paused_controller(tmp_path)
+    elastic = apply_overrides(
+        TINY,
+        [
+            "resources.workers={min: 1, max: 3}",
+            "resources.cpus_per_worker=1",
+            "train.batch_size=240",
+        ],
+    )
+    job, _ = controller.submit(ALICE, elastic)
+    stored = controller.store.get(job.id)
+    assert (stored.workers, stored.min_workers, stored.max_workers, stored.cpus) == (3, 1, 3, 3.0)
+    controller.set_paused(False)
+    (admitted,) = controller.plan().admit
+    assert (admitted.id, admitted.workers, admitted.cpus) == (job.id, 2, 2.0)
+    with pytest.raises(SpecError, match="the job needs 3 CPUs and 0 GPUs at once"):
+        controller.submit(ALICE, apply_overrides(elastic, ["resources.workers={min: 3, max: 4}"]))

@@ -148,6 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     {
                         "train.epoch": epoch,
                         "train.epoch_loss": epoch_loss,
+                        "train.workers": world,  # an elastic gang's size this epoch
                         "train.samples_per_sec": metrics["samples_per_sec"],
                         **{f"collapse.{key}": value for key, value in health.items()},
                     },

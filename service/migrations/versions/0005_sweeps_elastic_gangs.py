@@ -1,4 +1,5 @@
-"""Sweeps: the sweeps table, and the sweep each job is a trial of.
+"""Sweeps: the sweeps table, and the sweep each job is a trial of; elastic gangs: the range
+of workers a job may run with; job kinds: pretrain, or evaluate a registered encoder.
 
 Revision ID: 0005
 Revises: 0004
@@ -35,9 +36,20 @@ def upgrade() -> None:
     # NULL for every earlier job: none was a trial.
     op.add_column("jobs", sa.Column("sweep_id", sa.String(64), nullable=True))
     op.create_index("ix_jobs_sweep_id", "jobs", ["sweep_id"])
+    # NULL for fixed gangs (every earlier job): workers is then their only size.
+    op.add_column("jobs", sa.Column("min_workers", sa.Integer(), nullable=True))
+    op.add_column("jobs", sa.Column("max_workers", sa.Integer(), nullable=True))
+    # Every earlier job pretrained.
+    op.add_column(
+        "jobs",
+        sa.Column("kind", sa.String(16), nullable=False, server_default="pretrain"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_column("jobs", "kind")
+    op.drop_column("jobs", "max_workers")
+    op.drop_column("jobs", "min_workers")
     op.drop_index("ix_jobs_sweep_id", "jobs")
     op.drop_column("jobs", "sweep_id")
     op.drop_table("sweeps")
