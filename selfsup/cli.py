@@ -228,18 +228,22 @@ def _spec_text(args: argparse.Namespace) -> str:
         raise CliError(f"invalid job spec {path}:\n" + _indent(str(error)), EXIT_USAGE) from None
 
 
-def _invalid_spec(args: argparse.Namespace, error: ApiError) -> CliError:
-    return CliError(f"invalid job spec {args.file}:\n" + _indent(str(error)), EXIT_USAGE)
+def _post_spec(
+    args: argparse.Namespace, path: str, text: str, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """POST a spec's text to the controller; its refusal (422) as a usage error naming the
+    file and each problem."""
+    try:
+        return _api(args).request("POST", path, {"spec": text}, headers=headers)
+    except ApiError as error:
+        if error.status == 422:
+            message = f"invalid job spec {args.file}:\n" + _indent(str(error))
+            raise CliError(message, EXIT_USAGE) from None
+        raise
 
 
 def cmd_spec_validate(args: argparse.Namespace) -> int:
-    text = _spec_text(args)
-    try:
-        checked = _api(args).request("POST", "/v1/specs/validate", {"spec": text})
-    except ApiError as error:
-        if error.status == 422:
-            raise _invalid_spec(args, error) from None
-        raise
+    checked = _post_spec(args, "/v1/specs/validate", _spec_text(args))
     if args.output != "table":
         _print_document(checked, args.output)
         return EXIT_OK
@@ -282,16 +286,11 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 def cmd_job_submit(args: argparse.Namespace) -> int:
     text = _spec_text(args)
-    api = _api(args)
     # One key per invocation unless the user gives theirs: the client's own retries of this
     # POST can then never queue the job twice.
     key = args.idempotency_key or uuid.uuid4().hex
-    try:
-        job = api.request("POST", "/v1/jobs", {"spec": text}, headers={"Idempotency-Key": key})
-    except ApiError as error:
-        if error.status == 422:
-            raise _invalid_spec(args, error) from None
-        raise
+    job = _post_spec(args, "/v1/jobs", text, headers={"Idempotency-Key": key})
+    api = _api(args)
     if args.output != "table" and not args.wait:
         _print_document(job, args.output)
         return EXIT_OK
@@ -463,13 +462,7 @@ def cmd_job_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_submit(args: argparse.Namespace) -> int:
-    text = _spec_text(args)
-    try:
-        sweep = _api(args).request("POST", "/v1/sweeps", {"spec": text})
-    except ApiError as error:
-        if error.status == 422:
-            raise _invalid_spec(args, error) from None
-        raise
+    sweep = _post_spec(args, "/v1/sweeps", _spec_text(args))
     if args.output != "table":
         _print_document(sweep, args.output)
         return EXIT_OK

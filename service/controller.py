@@ -181,10 +181,12 @@ class Controller:
     def _check_evaluation(
         self, principal: Principal, spec: EvaluationJobSpec
     ) -> tuple[float, float]:
-        """The encoder is registered, the data source can be read, the CPUs exist."""
+        """The encoder is registered (unless a job it depends on may register it), the data
+        source can be read, the CPUs exist."""
         problems = self._dependency_problems(principal, spec)
         try:
-            Registry(self.settings.tracking_uri).resolve(parse_reference(spec.encoder))
+            if not spec.depends_on:
+                Registry(self.settings.tracking_uri).resolve(parse_reference(spec.encoder))
         except RegistryError as error:
             problems.append(("encoder", str(error)))
         if spec.data and spec.data.startswith(("file://", "s3://")):
@@ -340,8 +342,7 @@ class Controller:
         job = self.store.get(job_id)
         if job is None or blocked is None:
             return
-        self.ray.stop(ray_id(job))
-        self._archive_logs(job)
+        self._stop_attempt(job)
         reason = (
             f"preempted by {blocked.id} (priority {blocked.priority} over {job.priority}): "
             "queued again, to resume from its latest checkpoint"
@@ -365,6 +366,11 @@ class Controller:
         if job.mlflow_run_id:
             return self.tracking.archived_logs(job.mlflow_run_id, job.attempts) or ""
         return ""
+
+    def _stop_attempt(self, job: Job) -> None:
+        """End the job's running attempt in Ray, its logs kept, for another to follow."""
+        self.ray.stop(ray_id(job))
+        self._archive_logs(job)
 
     def _archive_logs(self, job: Job) -> None:
         """Keep the ending attempt's logs in MLflow. Best effort: the job ends either way."""
@@ -592,8 +598,7 @@ class Controller:
         job = self.store.get(size.id)
         if job is None or job.state != JobState.RUNNING:
             return
-        self.ray.stop(ray_id(job))
-        self._archive_logs(job)
+        self._stop_attempt(job)
         reason = (
             f"grows from {job.workers} to {size.workers} workers, as capacity freed: resumes "
             "from its latest checkpoint"

@@ -199,6 +199,18 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cursor.close()
 
 
+def _submitted(job: Job, actor: str, reason: str) -> Transition:
+    """A job's first transition: into the state it was stored in."""
+    return Transition(
+        job_id=job.id,
+        from_state=None,
+        to_state=job.state,
+        actor=actor,
+        reason=reason,
+        at=job.created_at,
+    )
+
+
 class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url, pool_size=10, max_overflow=30)
@@ -229,16 +241,7 @@ class JobStore:
             with self._writing() as session:
                 session.add(job)
                 session.flush()
-                session.add(
-                    Transition(
-                        job_id=job.id,
-                        from_state=None,
-                        to_state=job.state,
-                        actor=actor,
-                        reason=reason,
-                        at=job.created_at,
-                    )
-                )
+                session.add(_submitted(job, actor, reason))
         except IntegrityError:
             if job.idempotency_key is None:
                 raise
@@ -252,15 +255,7 @@ class JobStore:
             session.add_all(trials)
             session.flush()
             session.add_all(
-                Transition(
-                    job_id=job.id,
-                    from_state=None,
-                    to_state=job.state,
-                    actor=actor,
-                    reason=f"submitted as trial of {sweep.id}",
-                    at=job.created_at,
-                )
-                for job in trials
+                _submitted(job, actor, f"submitted as trial of {sweep.id}") for job in trials
             )
 
     def sweep(self, sweep_id: str) -> Sweep | None:

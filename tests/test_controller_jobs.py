@@ -1,8 +1,8 @@
 """The controller with real jobs on the real stack: admission in priority order with room for
-one gang; one job cancelled and retried, preempted by a higher-priority job, its controller
-killed and restarted, its driver killed so that the controller retries it from its
-checkpoint; a sweep of four trials; and the watchdog. (A Ray Train
-worker killed mid-run is in tests/test_s3_storage.py, on S3 data and S3 checkpoints.)"""
+one gang; one job cancelled and retried, its controller killed and restarted, its driver
+killed so that the controller retries it from its checkpoint; a sweep of four trials, one of
+them preempted by an evaluation job that depends on another; and the watchdog. (A Ray Train
+worker node lost mid-run is in tests/test_production_stack.py, on S3 data and checkpoints.)"""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.spec import read_yaml
+from service.registry import Reference, Registry
 from service.store import JobState
 from tests.conftest import Stack
 from tests.processes import command_line, find
@@ -106,15 +108,14 @@ def assert_a_waiting_job_gets_a_start_estimate(stack: Stack, tmp_path: Path) -> 
 def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints(
     stack: Stack, tmp_path: Path
 ) -> None:
-    """One job, interrupted four times: the user cancels and retries it; a job of higher
-    priority preempts it (the stack's controller runs with ``preemption: lower_priority``);
-    the controller is killed mid-job and `selfsup up` brings it back alone, beside Ray and the
-    running job; then the job's driver is killed and the controller retries it. Each time it
-    resumes from the latest checkpoint under the same id and MLflow run, and the steps
-    continue where they stopped."""
+    """One job, interrupted three times: the user cancels and retries it; the controller is
+    killed mid-job and `selfsup up` brings it back alone, beside Ray and the running job; then
+    the job's driver is killed and the controller retries it. Each retry resumes from the
+    latest checkpoint under the same id and MLflow run, and the steps continue where they
+    stopped."""
     # An epoch takes about a second: each interruption must land well before the last one,
     # however slowly the test's own requests go on a loaded machine.
-    epochs = 26
+    epochs = 20
     job_id = submit(stack, training_spec(tmp_path, "resume-digits", epochs, max_retries=1))
     runs = stack.home / "runs" / job_id
     wait_for_checkpoints(stack, job_id)
@@ -131,10 +132,6 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
 
     stack.cli("job", "retry", job_id, check=True)
     wait_for_checkpoints(stack, job_id, besides=before_retry)
-    urgent = preempt(stack, tmp_path, job_id)
-    # The job is queued until the urgent one ended: it writes nothing meanwhile.
-    before_resume = frozenset(path.name for path in runs.glob("checkpoint_*"))
-    wait_for_checkpoints(stack, job_id, besides=before_resume)
     os.kill(stack.info["server_pid"], signal.SIGKILL)  # the controller dies mid-job
     time.sleep(1)
     stack.cli("up", check=True)  # the controller alone: its job runs on, not handed over again
@@ -148,7 +145,7 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
 
     job = stack.wait_for(job_id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=480)
     assert job["state"] == "SUCCEEDED", job["message"]
-    assert job["attempts"] == 4 and job["retries"] == 1
+    assert job["attempts"] == 3 and job["retries"] == 1
     history = transitions(stack, job_id)
     moves = [(t["from"], t["to"]) for t in history]
     assert moves == [
@@ -159,24 +156,16 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
         ("CANCELLED", "QUEUED"),  # the user's retry
         ("QUEUED", "STARTING"),
         ("STARTING", "RUNNING"),
-        ("RUNNING", "QUEUED"),  # preempted
-        ("QUEUED", "STARTING"),  # once the urgent job ended
-        ("STARTING", "RUNNING"),
         ("RUNNING", "RETRYING"),  # the killed driver
         ("RETRYING", "QUEUED"),  # after the backoff
         ("QUEUED", "STARTING"),
         ("STARTING", "RUNNING"),
         ("RUNNING", "SUCCEEDED"),
     ]
-    assert history[7]["reason"].startswith(f"preempted by {urgent} (priority 10 over 0)")
-    assert history[7]["actor"] == "controller"
-    urgent_start = next(t["at"] for t in transitions(stack, urgent) if t["to"] == "STARTING")
-    assert history[7]["at"] < urgent_start < history[8]["at"]
-    assert "retry 1 of 1" in history[10]["reason"] and history[10]["actor"] == "controller"
+    assert "retry 1 of 1" in history[7]["reason"] and history[7]["actor"] == "controller"
 
     resumes = client.get_metric_history(run_id, "train.resumed_from_epoch")
-    values = [resume.value for resume in resumes]
-    assert len(resumes) == 3 and values == sorted(set(values)) and values[-1] < epochs - 1
+    assert len(resumes) == 2 and resumes[0].value < resumes[1].value < epochs - 1
     for resume in resumes:  # logged at the checkpoint's step count, not from zero
         assert resume.step == (int(resume.value) + 1) * STEPS_PER_EPOCH
     assert max(m.step for m in client.get_metric_history(run_id, "train.step")) == (
@@ -185,28 +174,26 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def preempt(stack: Stack, tmp_path: Path, job_id: str) -> str:
-    """Submit a job of priority 10 that needs the whole stack while ``job_id`` (priority 0)
-    runs: the running job goes back to the queue, the urgent one runs and succeeds."""
-    urgent = submit(stack, tiny_spec(tmp_path, "urgent", 10))
-    requeued = stack.wait_for(job_id, ("QUEUED",), timeout=60)
-    assert requeued["message"].startswith(f"preempted by {urgent}"), requeued
-    assert stack.wait_for(urgent, ("SUCCEEDED", "FAILED"), timeout=180)["state"] == "SUCCEEDED"
-    return urgent
-
-
 def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
     stack: Stack, tmp_path: Path
 ) -> None:
-    """Four one-CPU PCA trials (2 x 2 grid) on the 2-CPU stack, at most two at once, ranked
-    by kNN accuracy; the best trial's registered version gets the alias ``best``."""
+    """Four one-CPU PCA trials (2 x 2 grid: components, and 1 or 10 epochs) on the 2-CPU
+    stack, at most two at once, ranked by kNN accuracy; the best trial's registered version
+    gets the alias ``best``.
+
+    Beside it, an evaluation job (``kind: evaluate``) of priority 10 that takes both CPUs and
+    depends on the first trial (one epoch): queued until that trial succeeds, it then
+    preempts the second (ten epochs, still running; the stack runs with ``preemption:
+    lower_priority``), which goes back to the queue and later resumes from its checkpoint
+    under the same id. The evaluation reads the only version registered by then, the first
+    trial's, and reproduces its kNN accuracy."""
     model = "sweep-pca-test"
     document = read_yaml((SPECS / "tiny-pca.yaml").read_text())
     document["resources"] = {"workers": 1, "cpus_per_worker": 1}
     document["evaluate"] |= {"knn": True}
     document["register"] = {"model": model}
     document["sweep"] = {
-        "grid": {"method.components": [2, 8], "train.seed": [0, 1]},
+        "grid": {"method.components": [2, 8], "train.epochs": [1, 10]},
         "max_parallel": 2,
         "metric": "eval.knn.top1",
         "promote": "best",
@@ -215,6 +202,14 @@ def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
     path.write_text(json.dumps(document))
     submitted = stack.cli("sweep", "submit", str(path), "-o", "json", check=True)
     sweep_id = json.loads(submitted.stdout)["id"]
+    first = json.loads(submitted.stdout)["trials"][0]["job_id"]
+    evaluation = tmp_path / "evaluate.yaml"
+    evaluation.write_text(
+        f"kind: evaluate\nname: eval-first-trial\nencoder: {model}@candidate\n"
+        "protocols: [knn]\nbaselines: false\nresources: {cpus: 2}\npriority: 10\n"
+        f"depends_on: [{first}]\n"
+    )
+    evaluation_id = submit(stack, evaluation)  # the model does not exist yet: it will
     deadline = time.monotonic() + 300
     while (sweep := stack.admin.request("GET", f"/v1/sweeps/{sweep_id}"))["state"] == "RUNNING":
         assert time.monotonic() < deadline, sweep
@@ -224,11 +219,11 @@ def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
     assert [trial["state"] for trial in trials] == ["SUCCEEDED"] * 4
     values = [trial["value"] for trial in trials]
     assert values == sorted(values, reverse=True) and 0.5 < values[0] <= 1.0, values
-    assert {(t["values"]["method.components"], t["values"]["train.seed"]) for t in trials} == {
-        (2, 0),
+    assert {(t["values"]["method.components"], t["values"]["train.epochs"]) for t in trials} == {
         (2, 1),
-        (8, 0),
+        (2, 10),
         (8, 1),
+        (8, 10),
     }
     # Never more than two trials held the cluster at once (the history of each says when).
     spans = []
@@ -239,11 +234,35 @@ def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
         assert sum(begin <= start < end for begin, end in spans) <= 2, spans
     best = stack.admin.request("GET", f"/v1/jobs/{trials[0]['job_id']}")
     assert best["sweep_id"] == sweep_id and sweep["result"]["best_job"] == best["id"]
-    aliases = MlflowClient(stack.tracking_uri).get_registered_model(model).aliases
-    assert str(aliases["best"]) == str(best["result"]["model_version"]), (aliases, best["result"])
-    assert sweep["message"].endswith(f"{model}@best -> version {aliases['best']}")
+    promoted = Registry(stack.tracking_uri).resolve(Reference(model, alias="best"))
+    assert promoted.version == best["result"]["model_version"], (promoted, best["result"])
+    assert sweep["message"].endswith(f"{model}@best -> version {promoted.version}")
     table = stack.cli("sweep", "status", sweep_id, check=True).stdout
     assert f"1     {best['id']}  SUCCEEDED" in table, table
+
+    evaluated = stack.wait_for(evaluation_id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=120)
+    assert evaluated["state"] == "SUCCEEDED", evaluated["message"]
+    first_done = next(t["at"] for t in transitions(stack, first) if t["to"] == "SUCCEEDED")
+    started = next(t["at"] for t in transitions(stack, evaluation_id) if t["to"] == "STARTING")
+    assert started > first_done  # depends_on held it
+    first_value = next(t["value"] for t in trials if t["job_id"] == first)
+    assert evaluated["result"]["eval.knn.top1"] == pytest.approx(first_value, abs=1e-5)
+    first_version = stack.admin.request("GET", f"/v1/jobs/{first}")["result"]["model_version"]
+    assert evaluated["result"]["model_version"] == first_version
+    # Exactly one trial was preempted for it, and came back to succeed under its id.
+    preempted = [
+        (trial["job_id"], move)
+        for trial in trials
+        for move in transitions(stack, trial["job_id"])
+        if move["reason"].startswith(f"preempted by {evaluation_id} (priority 10 over 0)")
+    ]
+    assert len(preempted) == 1, preempted
+    victim, move = preempted[0]
+    assert victim == json.loads(submitted.stdout)["trials"][1]["job_id"]  # the 10-epoch one
+    assert (move["from"], move["to"], move["actor"]) == ("RUNNING", "QUEUED", "controller")
+    assert move["at"] < started
+    resumed = stack.admin.request("GET", f"/v1/jobs/{victim}")
+    assert resumed["attempts"] == 2 and resumed["state"] == "SUCCEEDED"
 
 
 def test_watchdog_fails_a_job_whose_progress_stalls(stack: Stack, tmp_path: Path) -> None:

@@ -232,33 +232,3 @@ def test_the_driver_skips_label_based_evaluation_for_unlabelled_data(
     note = client.get_run(run_id).data.tags[tags.EVAL_SKIPPED]
     assert "builtin:spiral has no labels" in note and "skipped" in note
     assert tags.EVAL_SKIPPED in driver._version_tags(spec, "job-x", None)
-
-
-def test_an_evaluation_job_is_queued_and_reproduces_the_versions_numbers(
-    stack: Stack, digits_job: dict, tmp_path: Path
-) -> None:
-    """`kind: evaluate` through `selfsup job submit`: admitted like any job, run by the driver
-    into the job's own MLflow run, linked to the version; on the version's own split its kNN
-    accuracy is the one the pretraining job recorded. An unknown encoder is refused at submit."""
-    spec = tmp_path / "evaluate.yaml"
-    spec.write_text(
-        f"kind: evaluate\nname: eval-digits\nencoder: {MODEL}/1\n"
-        "protocols: [knn]\nbaselines: false\n"
-    )
-    submitted = json.loads(stack.cli("job", "submit", str(spec), "-o", "json", check=True).stdout)
-    assert (submitted["kind"], submitted["workers"]) == ("evaluate", 0)
-    job = stack.wait_for(submitted["id"], ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=240)
-    assert job["state"] == "SUCCEEDED", job["message"]
-    recorded = float(digits_job["versions"][0]["tags"]["eval.knn.top1"])
-    assert job["result"]["eval.knn.top1"] == pytest.approx(recorded, abs=1e-5)
-    run = MlflowClient(stack.tracking_uri).get_run(job["mlflow_run_id"])
-    assert run.data.tags[tags.JOB_ID] == job["id"] and run.data.tags[tags.MODEL_VERSION] == "1"
-    assert run.data.tags[tags.RUN_KIND] == "evaluation" and run.info.status == "FINISHED"
-
-    spec.write_text(spec.read_text().replace(f"{MODEL}/1", f"{MODEL}/99"))
-    refused = stack.cli("job", "submit", str(spec))
-    assert (
-        refused.returncode == 2
-        and "encoder: " in refused.stderr
-        and "no version 99" in refused.stderr
-    )
