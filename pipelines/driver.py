@@ -179,6 +179,13 @@ def _input_shape(spec: JobSpec) -> str:
     return f"{spec.data.depth}x{spec.data.side}x{spec.data.side}"
 
 
+def _registered_before(client: MlflowClient, run_id: str, model: str) -> str | None:
+    """The version an earlier attempt of this job registered (it was stopped, preempted or
+    lost after registering, before ending), so that a new attempt registers no second one."""
+    run_tags = client.get_run(run_id).data.tags
+    return run_tags.get(tags.MODEL_VERSION) if run_tags.get(tags.MODEL_NAME) == model else None
+
+
 def run_job(job: dict) -> dict[str, float | str]:
     spec: JobSpec = parse_spec(job["spec"])
     client = MlflowClient(tracking_uri=job["tracking_uri"], registry_uri=job["tracking_uri"])
@@ -205,14 +212,16 @@ def run_job(job: dict) -> dict[str, float | str]:
         evaluation = _evaluate(spec, encoder, user_data, client, run_id)
         summary: dict[str, float | str] = dict(evaluation.metrics) if evaluation else {}
         if spec.registration:
-            version = register_encoder(
-                job["tracking_uri"],
-                run_id,
-                encoder_dir,
-                spec.registration.model,
-                spec.registration.alias,
-                _version_tags(spec, job_id, evaluation),
-                _description(spec, job_id),
+            version = _registered_before(client, run_id, spec.registration.model) or (
+                register_encoder(
+                    job["tracking_uri"],
+                    run_id,
+                    encoder_dir,
+                    spec.registration.model,
+                    spec.registration.alias,
+                    _version_tags(spec, job_id, evaluation),
+                    _description(spec, job_id),
+                )
             )
             for key, value in (
                 (tags.MODEL_NAME, spec.registration.model),

@@ -177,13 +177,13 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
 def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
     stack: Stack, tmp_path: Path
 ) -> None:
-    """Four one-CPU PCA trials (2 x 2 grid: components, and 1 or 10 epochs) on the 2-CPU
+    """Four one-CPU PCA trials (2 x 2 grid: components, and 1 or 60 epochs) on the 2-CPU
     stack, at most two at once, ranked by kNN accuracy; the best trial's registered version
     gets the alias ``best``.
 
     Beside it, an evaluation job (``kind: evaluate``) of priority 10 that takes both CPUs and
     depends on the first trial (one epoch): queued until that trial succeeds, it then
-    preempts the second (ten epochs, still running; the stack runs with ``preemption:
+    preempts the second (sixty epochs, still running; the stack runs with ``preemption:
     lower_priority``), which goes back to the queue and later resumes from its checkpoint
     under the same id. The evaluation reads the only version registered by then, the first
     trial's, and reproduces its kNN accuracy."""
@@ -193,7 +193,7 @@ def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
     document["evaluate"] |= {"knn": True}
     document["register"] = {"model": model}
     document["sweep"] = {
-        "grid": {"method.components": [2, 8], "train.epochs": [1, 10]},
+        "grid": {"method.components": [2, 8], "train.epochs": [1, 60]},
         "max_parallel": 2,
         "metric": "eval.knn.top1",
         "promote": "best",
@@ -221,9 +221,9 @@ def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
     assert values == sorted(values, reverse=True) and 0.5 < values[0] <= 1.0, values
     assert {(t["values"]["method.components"], t["values"]["train.epochs"]) for t in trials} == {
         (2, 1),
-        (2, 10),
+        (2, 60),
         (8, 1),
-        (8, 10),
+        (8, 60),
     }
     # Never more than two trials held the cluster at once (the history of each says when).
     spans = []
@@ -234,7 +234,10 @@ def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
         assert sum(begin <= start < end for begin, end in spans) <= 2, spans
     best = stack.admin.request("GET", f"/v1/jobs/{trials[0]['job_id']}")
     assert best["sweep_id"] == sweep_id and sweep["result"]["best_job"] == best["id"]
-    promoted = Registry(stack.tracking_uri).resolve(Reference(model, alias="best"))
+    registry = Registry(stack.tracking_uri)
+    # One version a trial: the preempted trial registered once, in whichever attempt.
+    assert len(registry.versions(model)) == 4
+    promoted = registry.resolve(Reference(model, alias="best"))
     assert promoted.version == best["result"]["model_version"], (promoted, best["result"])
     assert sweep["message"].endswith(f"{model}@best -> version {promoted.version}")
     table = stack.cli("sweep", "status", sweep_id, check=True).stdout
@@ -258,7 +261,7 @@ def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
     ]
     assert len(preempted) == 1, preempted
     victim, move = preempted[0]
-    assert victim == json.loads(submitted.stdout)["trials"][1]["job_id"]  # the 10-epoch one
+    assert victim == json.loads(submitted.stdout)["trials"][1]["job_id"]  # the 60-epoch one
     assert (move["from"], move["to"], move["actor"]) == ("RUNNING", "QUEUED", "controller")
     assert move["at"] < started
     resumed = stack.admin.request("GET", f"/v1/jobs/{victim}")

@@ -3,6 +3,8 @@ checked with a clear message, and a config hash of what shapes its numbers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipelines.evaluation_job import EvaluationJobSpec, load_job_text
@@ -58,3 +60,15 @@ def test_the_config_hash_ignores_scheduling() -> None:
     base = load_job_text(EVALUATION).config_hash()
     assert load_job_text(EVALUATION + "priority: 5\nresources: {cpus: 2}\n").config_hash() == base
     assert load_job_text(EVALUATION + "protocols: [knn]\n").config_hash() != base
+
+
+def test_the_examples_parse() -> None:
+    from pipelines.sweep import load_sweep_text
+
+    examples = Path(__file__).parent.parent / "examples"
+    evaluation = load_job_text(
+        (examples / "evaluations" / "simclr-digits-champion.yaml").read_text()
+    )
+    assert isinstance(evaluation, EvaluationJobSpec) and evaluation.protocols == ["linear", "knn"]
+    sweep = load_sweep_text((examples / "sweeps" / "simclr-digits-lr.yaml").read_text())
+    assert len(sweep.trials) == 6 and sweep.sweep.promote == "best"
