@@ -130,6 +130,7 @@ class Controller:
             fair_share_per_worker=self.settings.fair_share_per_worker,
             user_weights=self.settings.user_weights,
             preemption=self.settings.preemption,
+            grow_after_s=self.settings.elastic_grow_after_s,
         )
 
     def set_paused(self, paused: bool) -> None:

@@ -80,6 +80,9 @@ class ServerSettings(BaseModel):
     # A job that does not fit may stop running jobs of lower priority, which go back to the
     # queue and resume from their latest checkpoint (service/scheduler.py says which).
     preemption: Literal["never", "lower_priority"] = "never"
+    # A running elastic gang below its most grows (a restart with more workers) once it has
+    # run this long at its size and no queued job waits for capacity.
+    elastic_grow_after_s: Annotated[float, Field(ge=0)] = 60.0
     watchdog_s: Annotated[float, Field(gt=0)] = 900.0  # no training progress this long: retry
     retry_backoff_s: Annotated[float, Field(ge=0)] = 10.0  # doubled for each further retry
     retry_backoff_max_s: Annotated[float, Field(ge=0)] = 600.0
