@@ -29,6 +29,11 @@ MAX_WORKER_FAILURES = 2
 # the controller drains on its health-check poll (2 s by default): with short epochs every
 # report would wait for the next poll. Set on the driver's runtime env, so the controller
 # actor sees it.
+# How often Ray Train looks whether an elastic gang running below the size the controller
+# admitted it at can grow back to it: a gang that restarts while the cluster still releases
+# the previous attempt's workers, or after a lost node came back, starts smaller (60 s by
+# default: a whole short job's time).
+ELASTIC_RESIZE_CHECK_S = 10.0
 TRAIN_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}
 
 
@@ -85,6 +90,7 @@ def pretrain(
             else resources.workers,
             use_gpu=use_gpu,
             resources_per_worker=per_worker,
+            elastic_resize_monitor_interval_s=ELASTIC_RESIZE_CHECK_S,
         ),
         run_config=RunConfig(
             name=job_id,
