@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -253,11 +254,20 @@ def run_evaluation(job: dict) -> dict[str, float | str]:
     return {"encoder": source.label, **evaluation.metrics}
 
 
+def _abort_training_on_sigterm() -> None:
+    """Ray Jobs stops an attempt (a cancel, a preemption, a resize) with SIGTERM, then
+    SIGKILL a few seconds later. Ray Train aborts a run cleanly only on SIGINT: it then
+    withdraws the gang's resource request, which otherwise outlives the attempt by minutes,
+    so that an elastic gang started next sees those CPUs as taken and starts smaller."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
+
+
 def main() -> int:
     if JOB_ENV not in os.environ:
         print(f"usage: {JOB_ENV}='<job JSON>' python -m pipelines.driver", file=sys.stderr)
         return 2
     job = json.loads(os.environ[JOB_ENV])
+    _abort_training_on_sigterm()
     mlflow.set_tracking_uri(job["tracking_uri"])
     ray.init(runtime_env=TRAIN_RUNTIME_ENV)  # joins the cluster that runs this Ray Job
     try:
