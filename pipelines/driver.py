@@ -267,9 +267,9 @@ def main() -> int:
         print(f"usage: {JOB_ENV}='<job JSON>' python -m pipelines.driver", file=sys.stderr)
         return 2
     job = json.loads(os.environ[JOB_ENV])
-    _abort_training_on_sigterm()
     mlflow.set_tracking_uri(job["tracking_uri"])
     ray.init(runtime_env=TRAIN_RUNTIME_ENV)  # joins the cluster that runs this Ray Job
+    _abort_training_on_sigterm()  # after ray.init, which installs a SIGTERM handler of its own
     try:
         summary = run_evaluation(job) if job.get("kind") == KIND else run_job(job)
     except Exception as error:  # noqa: BLE001 - the job fails, with its reason recorded
