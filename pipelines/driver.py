@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -254,12 +255,22 @@ def run_evaluation(job: dict) -> dict[str, float | str]:
     return {"encoder": source.label, **evaluation.metrics}
 
 
+# Set once Ray Jobs stops this attempt: what fails after it is the stop, not the job's fault,
+# and the controller that stopped it records why.
+_stopped = threading.Event()
+
+
 def _abort_training_on_sigterm() -> None:
     """Ray Jobs stops an attempt (a cancel, a preemption, a resize) with SIGTERM, then
     SIGKILL a few seconds later. Ray Train aborts a run cleanly only on SIGINT: it then
     withdraws the gang's resource request, which otherwise outlives the attempt by minutes,
     so that an elastic gang started next sees those CPUs as taken and starts smaller."""
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
+
+    def abort(_signum: int, _frame: object) -> None:
+        _stopped.set()
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, abort)
 
 
 def main() -> int:
@@ -274,6 +285,8 @@ def main() -> int:
         summary = run_evaluation(job) if job.get("kind") == KIND else run_job(job)
     except Exception as error:  # noqa: BLE001 - the job fails, with its reason recorded
         traceback.print_exc()
+        if _stopped.is_set():
+            return 1
         client = MlflowClient(tracking_uri=job["tracking_uri"])
         client.set_tag(job["run_id"], tags.ERROR, _concise(error))
         client.set_tag(job["run_id"], tags.ERROR_KIND, error_kind(error))
