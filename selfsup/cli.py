@@ -244,15 +244,13 @@ def _post_spec(
 
 def cmd_spec_validate(args: argparse.Namespace) -> int:
     checked = _post_spec(args, "/v1/specs/validate", _spec_text(args))
-    if args.output != "table":
-        _print_document(checked, args.output)
-        return EXIT_OK
-    print(
+    return _answer(
+        checked,
+        args.output,
         f"{args.file}: valid ({checked['name']}: {checked['workers']} workers, "
         f"{checked['cpus']:g} CPUs and {checked['gpus']:g} GPUs at once, config hash "
-        f"{checked['config_hash']}); nothing was submitted"
+        f"{checked['config_hash']}); nothing was submitted",
     )
-    return EXIT_OK
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -428,13 +426,20 @@ def cmd_job_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _answer(document: dict[str, Any], output: str, line: str) -> int:
+    """The document as JSON or YAML, or else one line saying what happened."""
+    if output != "table":
+        _print_document(document, output)
+    else:
+        print(line)
+    return EXIT_OK
+
+
 def cmd_job_cancel(args: argparse.Namespace) -> int:
     job = _api(args).request("POST", f"/v1/jobs/{args.job_id}/cancel")
-    if args.output != "table":
-        _print_document(job, args.output)
-    else:
-        print(f"{job['id']}: {job['state']} (checkpoints and MLflow run kept)")
-    return EXIT_OK
+    return _answer(
+        job, args.output, f"{job['id']}: {job['state']} (checkpoints and MLflow run kept)"
+    )
 
 
 def cmd_job_retry(args: argparse.Namespace) -> int:
@@ -463,16 +468,12 @@ def cmd_job_logs(args: argparse.Namespace) -> int:
 
 def cmd_sweep_submit(args: argparse.Namespace) -> int:
     sweep = _post_spec(args, "/v1/sweeps", _spec_text(args))
-    if args.output != "table":
-        _print_document(sweep, args.output)
-        return EXIT_OK
-    print(
+    lines = [
         f"submitted {sweep['id']} ({sweep['name']}): {sweep['trial_count']} trials, at most "
-        f"{sweep['max_parallel']} at once, ranked by {sweep['metric']} ({sweep['mode']})"
-    )
-    for trial in sweep["trials"]:
-        print(f"  {trial['job_id']}  {_values(trial['values'])}")
-    return EXIT_OK
+        f"{sweep['max_parallel']} at once, ranked by {sweep['metric']} ({sweep['mode']})",
+        *(f"  {trial['job_id']}  {_values(trial['values'])}" for trial in sweep["trials"]),
+    ]
+    return _answer(sweep, args.output, "\n".join(lines))
 
 
 def _values(values: dict[str, Any]) -> str:
@@ -513,11 +514,8 @@ def cmd_sweep_list(args: argparse.Namespace) -> int:
 
 def cmd_sweep_cancel(args: argparse.Namespace) -> int:
     sweep = _api(args).request("POST", f"/v1/sweeps/{args.sweep_id}/cancel")
-    if args.output != "table":
-        _print_document(sweep, args.output)
-    else:
-        print(f"{sweep['id']}: {sweep['state']}, and its unfinished trials cancelled")
-    return EXIT_OK
+    line = f"{sweep['id']}: {sweep['state']}, and its unfinished trials cancelled"
+    return _answer(sweep, args.output, line)
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -736,6 +734,13 @@ def _parser() -> argparse.ArgumentParser:
     def output(command: Any) -> None:
         command.add_argument("-o", "--output", choices=OUTPUTS, default="table")
 
+    def spec_file(command: Any) -> Any:
+        """A command that reads a spec file, with --set over it, and answers in -o."""
+        command.add_argument("file")
+        overrides(command)
+        output(command)
+        return command
+
     up = add(nouns, "up", cmd_up, "start the embedded stack: Ray head and controller")
     up.add_argument("--num-cpus", type=float, default=None)
     up.add_argument("--num-gpus", type=float, default=0)
@@ -767,14 +772,11 @@ def _parser() -> argparse.ArgumentParser:
 
     job = nouns.add_parser("job", help="submit and follow pretraining jobs")
     verbs = job.add_subparsers(dest="verb", required=True)
-    submit = add(verbs, "submit", cmd_job_submit, "validate and queue a YAML job spec")
-    submit.add_argument("file")
-    overrides(submit)
+    submit = spec_file(add(verbs, "submit", cmd_job_submit, "validate and queue a YAML job spec"))
     submit.add_argument("--wait", action="store_true", help="follow the job to its end")
     submit.add_argument(
         "--idempotency-key", help="submitting again with the same key returns the same job"
     )
-    output(submit)
     listing = add(verbs, "list", cmd_job_list, "list your jobs, newest first")
     listing.add_argument("--all", action="store_true", help="everyone's jobs (admins)")
     listing.add_argument(
@@ -788,12 +790,9 @@ def _parser() -> argparse.ArgumentParser:
 
     spec = nouns.add_parser("spec", help="job specs")
     spec_verbs = spec.add_subparsers(dest="verb", required=True)
-    validate = add(
-        spec_verbs, "validate", cmd_spec_validate, "run the submit-time checks; store nothing"
+    spec_file(
+        add(spec_verbs, "validate", cmd_spec_validate, "run the submit-time checks; store nothing")
     )
-    validate.add_argument("file")
-    overrides(validate)
-    output(validate)
     completion = add(nouns, "completion", cmd_completion, "print a shell completion script")
     completion.add_argument("shell", choices=["bash"])
     init = add(nouns, "init", cmd_init, "write a commented job spec for a method")
@@ -816,12 +815,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep = nouns.add_parser("sweep", help="sweeps: one spec, many trials, ranked by a metric")
     sweep_verbs = sweep.add_subparsers(dest="verb", required=True)
-    sweep_submit = add(
-        sweep_verbs, "submit", cmd_sweep_submit, "queue the trials of a spec with a sweep: section"
+    spec_file(
+        add(sweep_verbs, "submit", cmd_sweep_submit, "queue the trials of a spec with a sweep:")
     )
-    sweep_submit.add_argument("file")
-    overrides(sweep_submit)
-    output(sweep_submit)
     output(add(sweep_verbs, "list", cmd_sweep_list, "list your sweeps, newest first"))
     for name, handler, text in (
         ("status", cmd_sweep_status, "a sweep's trials ranked by its metric"),
