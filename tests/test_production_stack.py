@@ -44,7 +44,7 @@ from workers.data import split_samples
 from workers.train_loop import REFERENCE_FILE
 
 MODEL = "test-pirl-production"
-EPOCHS = 3  # the node is lost after two checkpoints: the third epoch runs on two workers
+EPOCHS = 4
 GLOBAL_BATCH = 96
 WORKER_NODES = 3
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
