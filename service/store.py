@@ -285,6 +285,19 @@ class JobStore:
                 ).rowcount
             )
 
+    def trial_states(self, sweep_ids: Iterable[str]) -> list[tuple[str, str, JobState]]:
+        """(sweep id, job id, state) of the sweeps' trials, oldest first: what the loop reads
+        on every turn, without the jobs' specs."""
+        query = (
+            select(Job.sweep_id, Job.id, Job.state)
+            .where(Job.sweep_id.in_(list(sweep_ids)))
+            .order_by(Job.created_at)
+        )
+        with self.engine.connect() as connection:
+            return [
+                (sweep, job, JobState(state)) for sweep, job, state in connection.execute(query)
+            ]
+
     def trials(self, sweep_ids: Iterable[str]) -> list[Job]:
         """The trials' jobs of the sweeps, oldest first."""
         query = select(Job).where(Job.sweep_id.in_(list(sweep_ids))).order_by(Job.created_at)

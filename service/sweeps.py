@@ -55,16 +55,17 @@ def _metric(job: Job, metric: str) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def slots_held(sweep: Sweep, trials: list[Job]) -> dict[str, str]:
-    """Queued trials beyond the sweep's free parallel slots (in trial order) -> why they wait."""
-    busy = sum(JobState(job.state) in BUSY_STATES for job in trials)
-    queued = [job for job in trials if job.state == JobState.QUEUED]
+def slots_held(sweep: Sweep, trials: list[tuple[str, JobState]]) -> dict[str, str]:
+    """Queued trials (job id, state, in trial order) beyond the sweep's free parallel slots ->
+    why they wait."""
+    busy = sum(state in BUSY_STATES for _, state in trials)
+    queued = [job_id for job_id, state in trials if state is JobState.QUEUED]
     free = max(sweep.max_parallel - busy, 0)
     reason = (
         f"trial of {sweep.id}, which runs at most {sweep.max_parallel} trials at once "
         f"({busy} running)"
     )
-    return {job.id: reason for job in queued[free:]}
+    return {job_id: reason for job_id in queued[free:]}
 
 
 class Sweeps:
@@ -143,15 +144,14 @@ class Sweeps:
         a parallel slot (id -> why), for admission to hold."""
         held: dict[str, str] = {}
         running = self.store.sweeps([JobState.RUNNING])
-        trials_by_sweep: dict[str, list[Job]] = {sweep.id: [] for sweep in running}
-        for job in self.store.trials(trials_by_sweep):
-            trials_by_sweep[job.sweep_id or ""].append(job)
+        states: dict[str, list[tuple[str, JobState]]] = {sweep.id: [] for sweep in running}
+        for sweep_id, job_id, state in self.store.trial_states(states):
+            states[sweep_id].append((job_id, state))
         for sweep in running:
-            trials = trials_by_sweep[sweep.id]
-            if all(JobState(job.state).is_final for job in trials):
-                self._end(sweep, trials)
+            if all(state.is_final for _, state in states[sweep.id]):
+                self._end(sweep, self.store.trials([sweep.id]))
             else:
-                held |= slots_held(sweep, trials)
+                held |= slots_held(sweep, states[sweep.id])
         return held
 
     def _end(self, sweep: Sweep, trials: list[Job]) -> None:
