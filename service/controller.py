@@ -192,8 +192,8 @@ class Controller:
             problems.append(("encoder", str(error)))
         if spec.data and spec.data.startswith(("file://", "s3://")):
             problems += source_problems(spec.data, "data")
-        if spec.resources.cpus > self.capacity().cpus + 1e-9:
-            problems.append(("resources.cpus", f"the cluster has {self.capacity().cpus:g} CPUs"))
+        if spec.resources.cpus > (cpus := self.capacity().cpus) + 1e-9:
+            problems.append(("resources.cpus", f"the cluster has {cpus:g} CPUs"))
         if problems:
             raise SpecError(problems)
         return spec.resources.cpus, 0.0
