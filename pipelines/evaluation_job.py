@@ -54,8 +54,6 @@ class EvaluationJobSpec(Section):
         list[Annotated[str, Field(pattern=JOB_ID_PATTERN)]], Field(max_length=32)
     ] = []
 
-    registration: None = None  # an evaluation registers nothing
-
     @field_validator("protocols", "depends_on")
     @classmethod
     def _once_each(cls, values: list[str]) -> list[str]:
