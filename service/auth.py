@@ -70,7 +70,7 @@ def authenticate(store: JobStore, authorization: str | None) -> Principal:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
-    row = store.token(digest(token.strip()))
-    if row is None:
+    found = store.token(digest(token.strip()))
+    if found is None:
         raise AuthError("unknown or revoked token")
-    return Principal(row.user, row.role)
+    return Principal(*found)
