@@ -1,11 +1,14 @@
 """The job controller: queues jobs, admits them as gangs, runs each as a Ray Job (submission
 id = job id), follows them, retries what failed for reasons not the user's, and cancels.
 
-User requests (submit, cancel, retry) come from the API's threads; `tick()` runs in the
-server's loop. Every state change is a compare-and-set in the store, and the few steps that
-pair a state change with a Ray call hold one lock, so a cancel can never slip between
-"admitted" and "handed to Ray". The store and Ray are the whole truth: a controller that was
-killed and started again reconciles every unfinished job with Ray's view of it.
+User requests (submit, cancel, retry) come from the API's processes; `tick()` runs in the
+server's loop, a process of its own (service/server.py). Every state change is a
+compare-and-set in the store, and what the loop plans (why a job waits, when it should
+start) is written there for the API to read. A cancel moves the job first and stops its Ray
+job after; the loop, having handed a job to Ray, looks at its state again and stops what was
+cancelled meanwhile: so a cancel can never slip between "admitted" and "handed to Ray". The
+store and Ray are the whole truth: a controller that was killed and started again
+reconciles every unfinished job with Ray's view of it.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ from service.tracking import Accounts, Progress, Tracking
 CONTROLLER = "controller"
 PAUSED_FLAG = "queue.paused"
 CAPACITY_REFRESH_S = 30.0
+PAUSED_REREAD_S = 1.0  # an API process reads the queue's pause again after this long
 RUNS_PER_TURN_S = 0.5  # at most this long making new jobs' MLflow runs in one turn
-# ... and only once no submit came for this long: the runs are Python-heavy work that would
-# share the interpreter with a burst of submits and slow every answer down.
+# ... and only once no submit came for this long: the runs are CPU-heavy work that would
+# take a core from a burst of submits and slow every answer down.
 SUBMITS_QUIET_S = 0.2
 CHECKPOINT_GC_EVERY_S = 3600.0  # how often the loop looks for checkpoints past retention
 CHECKPOINTS_COLLECTED_UNTIL = "checkpoints.collected_until"  # the store flag: an ISO time
@@ -94,17 +98,34 @@ class Controller:
         self.accounts = Accounts(settings.tracking_uri) if on else None
         self.ray = RayJobs(settings.ray_dashboard_url)
         self.sweeps = Sweeps(self)
-        self._lock = threading.RLock()  # pairs a state change with its Ray call
-        self._last_submit = 0.0  # time.monotonic() of the latest submit
+        self._lock = threading.RLock()  # one user request or loop turn at a time in a process
         self._last_checkpoint_gc = -math.inf  # time.monotonic() of the latest collection
         self._capacity: tuple[float, Resources] | None = None
-        self._waiting: dict[str, str] = {}  # job id -> why it waits, from the latest plan
+        self._paused: tuple[float, bool] | None = None  # (time.monotonic() read, paused)
+        # The waits the loop last wrote to the store (job id -> (why, estimated start)): it
+        # writes only what changed.
+        self._waits_written: dict[str, tuple[str, datetime | None]] = {}
         self._epochs_done: dict[
             str, int
         ] = {}  # running job id -> epochs ended (the watchdog's read)
-        self._estimated_start: dict[str, datetime] = {}  # the first job waiting for capacity
 
     # ---- the cluster ------------------------------------------------------------------------
+
+    def _asks_ray(self) -> bool:
+        """Whether the cluster's size comes from Ray, not from the settings alone."""
+        settings = self.settings
+        return (
+            settings.cluster_cpus is None
+            or settings.cluster_gpus is None
+            or bool(settings.worker_resource)
+        )
+
+    def _capacity_cached(self) -> bool:
+        """Whether ``capacity()`` answers without asking Ray."""
+        fresh = self._capacity is not None and (
+            time.monotonic() - self._capacity[0] <= CAPACITY_REFRESH_S
+        )
+        return fresh or not self._asks_ray()
 
     def capacity(self) -> Resources:
         """The cluster's whole size (settings first, else Ray's live nodes), briefly cached,
@@ -113,7 +134,7 @@ class Controller:
         if self._capacity is None or now - self._capacity[0] > CAPACITY_REFRESH_S:
             cpus, gpus = self.settings.cluster_cpus, self.settings.cluster_gpus
             units = math.inf  # no worker_resource: any node trains
-            if cpus is None or gpus is None or self.settings.worker_resource:
+            if self._asks_ray():
                 totals = self.ray.cluster_resources()
                 cpus = totals.get("CPU", 0.0) if cpus is None else cpus
                 gpus = totals.get("GPU", 0.0) if gpus is None else gpus
@@ -135,6 +156,15 @@ class Controller:
 
     def set_paused(self, paused: bool) -> None:
         self.store.set_flag(PAUSED_FLAG, "true" if paused else "false")
+        self._paused = (time.monotonic(), paused)
+
+    def queue_paused(self) -> bool:
+        """Whether an admin paused the queue, as read at most ``PAUSED_REREAD_S`` ago in this
+        process: what a new job's status says before the loop's next turn plans it."""
+        now = time.monotonic()
+        if self._paused is None or now - self._paused[0] > PAUSED_REREAD_S:
+            self._paused = (now, self.store.flag(PAUSED_FLAG) == "true")
+        return self._paused[1]
 
     # ---- user requests ----------------------------------------------------------------------
 
@@ -198,13 +228,25 @@ class Controller:
             raise SpecError(problems)
         return spec.resources.cpus, 0.0
 
+    def checks_reach_out(self, spec: AnyJobSpec) -> bool:
+        """Whether checking ``spec`` may wait on more than the store: a listing of a folder or
+        of S3, MLflow's registry, or Ray for the cluster's size."""
+        if isinstance(spec, EvaluationJobSpec):
+            return True
+        return spec.data.is_user_data or not self._capacity_cached()  # as data_problems
+
     def submit(
         self, principal: Principal, spec_text: str, key: str | None = None
     ) -> tuple[Job, bool]:
         """Validate, then store the job QUEUED; (job, True) if new, (the key's earlier job,
         False) if the key was seen. A SpecError leaves nothing behind."""
-        spec, cpus, gpus = self.validate(principal, spec_text)
-        self._last_submit = time.monotonic()
+        return self.submit_spec(principal, load_job_text(spec_text), spec_text, key)
+
+    def submit_spec(
+        self, principal: Principal, spec: AnyJobSpec, spec_text: str, key: str | None = None
+    ) -> tuple[Job, bool]:
+        """``submit`` of a spec already parsed from ``spec_text``."""
+        cpus, gpus = self.check(principal, spec)
         job = self.new_job(principal, spec, spec_text, (cpus, gpus), key)
         # The job's MLflow run is made by the loop (``_open_runs``), not here: a submit
         # answers as soon as the job is stored, never waiting on the tracking store's lock.
@@ -295,21 +337,25 @@ class Controller:
     def cancel(self, principal: Principal, job_id: str) -> Job:
         """Stop the Ray job if one runs; checkpoints and the MLflow run stay (marked killed)."""
         with self._lock:
-            job = self.get(principal, job_id)
-            state = JobState(job.state)
-            if state.is_final:
-                raise JobConflict(f"job {job_id} is already {job.state}")
+            # The state first, Ray after: the loop, which may admit the job meanwhile in its
+            # own process, stops the Ray job it handed over if it finds the job cancelled.
+            while True:
+                job = self.get(principal, job_id)
+                state = JobState(job.state)
+                if state.is_final:
+                    raise JobConflict(f"job {job_id} is already {job.state}")
+                if self.store.transition(
+                    job_id,
+                    [state],
+                    JobState.CANCELLED,
+                    principal.user,
+                    f"cancelled by {principal.user}",
+                    finished_at=utcnow(),
+                    message=f"cancelled by {principal.user}",
+                ):
+                    break  # else the loop moved it meanwhile: cancel from its new state
             if state in ACTIVE_STATES:
                 self.ray.stop(ray_id(job))
-            self.store.transition(
-                job_id,
-                [state],
-                JobState.CANCELLED,
-                principal.user,
-                f"cancelled by {principal.user}",
-                finished_at=utcnow(),
-                message=f"cancelled by {principal.user}",
-            )
             if job.mlflow_run_id:
                 self.tracking.mark_run(job.mlflow_run_id, RunStatus.KILLED)
             return self.get(principal, job_id)
@@ -390,9 +436,9 @@ class Controller:
             return f"retry backoff until {aware(job.not_before).isoformat(timespec='seconds')}"
         if job.state != JobState.QUEUED:
             return None
-        if job.id in self._waiting:
-            return self._waiting[job.id]
-        if self.policy().paused:
+        if job.waiting:
+            return job.waiting
+        if self.queue_paused():
             return "the queue is paused by an admin"
         return "queued: the controller considers it at its next turn"
 
@@ -439,7 +485,7 @@ class Controller:
                 self._fail_queued(job_id, reason)
             held = self.sweeps.tick() | held  # a trial waits for its sweep's slot, or as above
             decision = self.plan(held)
-            self._waiting = decision.waiting
+            self._record_waits(decision, now)
             for victim in decision.preempt:  # the blocked job starts on a later turn
                 self._preempt(victim.id, decision.blocked)
             for admitted in decision.admit:
@@ -448,7 +494,6 @@ class Controller:
                     self._start(job, admitted)
             for grown in decision.grow:
                 self._grow(grown)
-            self._estimate_start(decision, now)
 
     def plan(self, held: dict[str, str] | None = None) -> Plan:
         return plan(
@@ -460,13 +505,33 @@ class Controller:
             held,
         )
 
-    def _estimate_start(self, decision: Plan, now: datetime) -> None:
+    def _record_waits(self, decision: Plan, now: datetime) -> None:
+        """Write to the store why each queued job waits and when the first one waiting for
+        capacity should start: what changed since the last turn, in one statement."""
+        waits = {job_id: (reason, None) for job_id, reason in decision.waiting.items()}
+        if (estimate := self._estimate_start(decision, now)) is not None:
+            blocked, start = estimate
+            waits[blocked] = (
+                f"{waits[blocked][0]}; estimated to start at about {start:%Y-%m-%d %H:%M:%S} "
+                "UTC, from the running jobs' progress",
+                start,
+            )
+        # A job queued again since (retried, preempted) had its wait cleared by that move.
+        cleared = self.store.unplanned(waits)
+        changed = {
+            job_id: wait
+            for job_id, wait in waits.items()
+            if job_id in cleared or self._waits_written.get(job_id) != wait
+        }
+        self.store.set_waiting(changed)
+        self._waits_written = waits
+
+    def _estimate_start(self, decision: Plan, now: datetime) -> tuple[str, datetime] | None:
         """When the first job that waits for capacity should start, from the running jobs'
-        progress (scheduler.start_estimate); noted in its waiting reason."""
-        self._estimated_start = {}
+        progress (scheduler.start_estimate): (its id, the time), if it can be told."""
         blocked = decision.blocked
         if blocked is None or decision.free is None:
-            return
+            return None
         ending = [
             (
                 end_estimate(
@@ -482,15 +547,12 @@ class Controller:
             for job in self.store.list(ACTIVE_STATES)
         ]
         start = start_estimate(blocked, decision.free, ending)
-        if start is not None:
-            self._estimated_start[blocked.id] = start
-            self._waiting[blocked.id] += (
-                f"; estimated to start at about {start:%Y-%m-%d %H:%M:%S} UTC, from the running "
-                "jobs' progress"
-            )
+        return None if start is None else (blocked.id, start)
 
     def estimated_start(self, job: Job) -> datetime | None:
-        return self._estimated_start.get(job.id)
+        if job.state != JobState.QUEUED or job.estimated_start is None:
+            return None
+        return aware(job.estimated_start)
 
     def _dependencies(self) -> tuple[dict[str, str], dict[str, str]]:
         """Queued jobs that wait for others (id -> why), and those whose dependency ended
@@ -554,8 +616,9 @@ class Controller:
         deadline = time.monotonic() + RUNS_PER_TURN_S
 
         def may_go_on() -> bool:
-            now = time.monotonic()
-            return now <= deadline and now - self._last_submit >= SUBMITS_QUIET_S
+            latest = self.store.latest_submit()
+            quiet = latest is None or (utcnow() - aware(latest)).total_seconds() >= SUBMITS_QUIET_S
+            return quiet and time.monotonic() <= deadline
 
         if not may_go_on():  # not even the query while submits come in
             return
@@ -630,9 +693,13 @@ class Controller:
         if not moved:
             return
         admitted = self.store.get(job.id)  # with its run and the attempt's number
-        if admitted is not None:
-            self.tracking.reopen_run(admitted.mlflow_run_id)
-            self._hand_over(admitted)
+        if admitted is None:
+            return
+        self.tracking.reopen_run(admitted.mlflow_run_id)
+        self._hand_over(admitted)
+        after = self.store.get(job.id)
+        if after is not None and JobState(after.state).is_final:  # cancelled meanwhile
+            self.ray.stop(ray_id(admitted))
 
     def _registry_refusal(self, job: Job) -> str | None:
         """Why the job may not register its encoder where its spec says, if it may not: the

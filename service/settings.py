@@ -70,6 +70,11 @@ class ServerSettings(BaseModel):
     driver_python: str = sys.executable  # the Python that runs a job's driver on the head
     cluster_cpus: Annotated[float, Field(ge=0)] | None = None  # default: ask Ray
     cluster_gpus: Annotated[float, Field(ge=0)] | None = None
+    # Processes that serve the HTTP API beside the one that runs the loop (service/server.py).
+    # Unset: one on SQLite, whose writers take turns on one lock (a second process's writes
+    # wait in SQLite's sleeping busy handler), two on PostgreSQL, where one process spends
+    # much of a submit waiting on round trips (benchmarks/bench_controller.py, docs/results.md).
+    api_processes: Annotated[int, Field(ge=1, le=64)] | None = None
     tick_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     aging_per_minute: Annotated[float, Field(ge=0)] = 0.1  # priority gained per minute queued
     max_workers_per_user: Annotated[int, Field(gt=0)] | None = None
@@ -89,6 +94,12 @@ class ServerSettings(BaseModel):
     # A finished job's checkpoints (<storage_path>/<job id>) are deleted this many days after
     # it ended; None keeps them. Registered encoders live in MLflow's artifacts: never touched.
     checkpoint_retention_days: Annotated[float, Field(gt=0)] | None = None
+
+    @property
+    def api_process_count(self) -> int:
+        if self.api_processes is not None:
+            return self.api_processes
+        return 1 if self.store_url.startswith("sqlite") else 2
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))

@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
@@ -126,6 +127,10 @@ class Job(Base):
     progress_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A queued job's wait as the controller's loop last planned it (migration 0006): why, and
+    # when it should start (the first job waiting for capacity only). None: not planned yet.
+    waiting: Mapped[str | None] = mapped_column(Text, nullable=True)
+    estimated_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -201,6 +206,15 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cursor.close()
 
 
+def _begin_writing(connection: Connection) -> None:
+    """Take SQLite's write lock at the start of a writing transaction. A transaction that
+    read, then wrote while another process's writer had committed in between, would fail
+    at once with "database is locked" instead of waiting (the controller's loop and its API
+    processes write the same file)."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def _inserted(row: Base) -> dict[str, Any]:
     """A new object's column values for a Core INSERT, its columns' Python-side defaults
     filled in on the object too (as the ORM's flush would): a submit's insert through the
@@ -231,6 +245,9 @@ def _submitted(job: Job, actor: str, reason: str) -> Transition:
 class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url, pool_size=10, max_overflow=30)
+        # Reads are single statements: in autocommit they cost one round trip, without the
+        # BEGIN and the ROLLBACK a pooled connection's transaction adds on PostgreSQL.
+        self._reader = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._writer: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
@@ -240,20 +257,23 @@ class JobStore:
         migrations.upgrade(self.engine)
 
     def _session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+        """A session for reads."""
+        return Session(self._reader, expire_on_commit=False)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Session]:
         """A session in a transaction that commits on leaving. On SQLite, one writer at a time
         in this process: writers that met SQLite's lock would wait in its busy handler, which
         sleeps in steps of up to 100 ms, and 20 concurrent submits took seconds at p99."""
-        with self._writer, self._session() as session, session.begin():
+        with self._writer, Session(self.engine, expire_on_commit=False) as session, session.begin():
+            _begin_writing(session.connection())
             yield session
 
     @contextlib.contextmanager
     def _writing_rows(self) -> Iterator[Connection]:
         """As ``_writing``, for Core statements: a connection in a transaction."""
         with self._writer, self.engine.begin() as connection:
+            _begin_writing(connection)
             yield connection
 
     # ---- jobs -------------------------------------------------------------------------------
@@ -315,7 +335,7 @@ class JobStore:
             .where(Job.sweep_id.in_(list(sweep_ids)))
             .order_by(Job.created_at)
         )
-        with self.engine.connect() as connection:
+        with self._reader.connect() as connection:
             return [
                 (sweep, job, JobState(state)) for sweep, job, state in connection.execute(query)
             ]
@@ -370,7 +390,7 @@ class JobStore:
             Job.min_workers,
             Job.max_workers,
         ).where(Job.state.in_([str(state) for state in states]))
-        with self.engine.connect() as connection:
+        with self._reader.connect() as connection:
             # Plain tuples into slotted objects: the planner reads each field of 10,000 jobs
             # several times, and a SQLAlchemy Row's attribute lookup costs twice as much.
             return [Admissible(*row) for row in connection.execute(query)]
@@ -388,7 +408,7 @@ class JobStore:
         query = select(Job.id).where(
             Job.state.in_(final), Job.finished_at >= start, Job.finished_at < end
         )
-        with self.engine.connect() as connection:
+        with self._reader.connect() as connection:
             return list(connection.scalars(query))
 
     def dependencies(self) -> dict[str, list[str]]:
@@ -396,7 +416,7 @@ class JobStore:
         query = select(Job.id, Job.depends_on).where(
             Job.state == str(JobState.QUEUED), Job.depends_on.is_not(None)
         )
-        with self.engine.connect() as connection:
+        with self._reader.connect() as connection:
             return {job_id: ids.split() for job_id, ids in connection.execute(query)}
 
     def states(self, job_ids: Iterable[str]) -> dict[str, JobState]:
@@ -405,7 +425,7 @@ class JobStore:
         if not wanted:
             return {}
         query = select(Job.id, Job.state).where(Job.id.in_(wanted))
-        with self.engine.connect() as connection:
+        with self._reader.connect() as connection:
             return {job_id: JobState(state) for job_id, state in connection.execute(query)}
 
     def without_run(self, state: JobState, limit: int) -> list[Job]:
@@ -430,6 +450,34 @@ class JobStore:
                 ).rowcount
             )
 
+    def set_waiting(self, waits: dict[str, tuple[str | None, datetime | None]]) -> None:
+        """Record why each queued job waits and when it should start (job id -> (reason,
+        estimate)), on the jobs still queued: one statement for all."""
+        if not waits:
+            return
+        statement = (
+            update(Job)
+            .where(Job.id == bindparam("job"), Job.state == str(JobState.QUEUED))
+            .values(waiting=bindparam("reason"), estimated_start=bindparam("estimate"))
+        )
+        rows = [
+            {"job": job_id, "reason": reason, "estimate": estimate}
+            for job_id, (reason, estimate) in waits.items()
+        ]
+        with self._writing_rows() as connection:
+            connection.execute(statement, rows)
+
+    def unplanned(self, job_ids: Iterable[str]) -> set[str]:
+        """Those of ``job_ids`` that are queued with no wait recorded."""
+        query = select(Job.id).where(Job.state == str(JobState.QUEUED), Job.waiting.is_(None))
+        with self._reader.connect() as connection:
+            return set(connection.scalars(query)) & set(job_ids)
+
+    def latest_submit(self) -> datetime | None:
+        """When the newest job was submitted."""
+        with self._reader.connect() as connection:
+            return connection.scalar(select(func.max(Job.created_at)))
+
     def count(self) -> int:
         with self._session() as session:
             return session.scalar(select(func.count()).select_from(Job)) or 0
@@ -446,6 +494,8 @@ class JobStore:
         """Move a job to ``to_state`` only if it is in one of ``from_states``; True if moved."""
         now = utcnow()
         allowed = [str(state) for state in from_states]
+        if to_state is JobState.QUEUED:  # queued again: its earlier wait is history
+            fields = {"waiting": None, "estimated_start": None, **fields}
         with self._writing() as session:
             current = session.scalar(select(Job.state).where(Job.id == job_id))
             if current is None or current not in allowed:
@@ -489,7 +539,7 @@ class JobStore:
     def token(self, digest: str) -> tuple[str, str] | None:
         """(user, role) of the token with this digest, if it exists."""
         query = select(ApiToken.user, ApiToken.role).where(ApiToken.digest == digest)
-        with self.engine.connect() as connection:
+        with self._reader.connect() as connection:
             row = connection.execute(query).first()
         return None if row is None else (row.user, row.role)
 
@@ -501,7 +551,7 @@ class JobStore:
         return len(tokens)
 
     def flag(self, name: str) -> str | None:
-        with self.engine.connect() as connection:
+        with self._reader.connect() as connection:
             return connection.scalar(select(Flag.value).where(Flag.name == name))
 
     def set_flag(self, name: str, value: str) -> None:

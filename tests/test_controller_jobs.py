@@ -132,9 +132,16 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
 
     stack.cli("job", "retry", job_id, check=True)
     wait_for_checkpoints(stack, job_id, besides=before_retry)
-    os.kill(stack.info["server_pid"], signal.SIGKILL)  # the controller dies mid-job
-    time.sleep(1)
+    api_url, loop_pid = stack.info["api_url"], stack.info["server_pid"]
+    api_processes = find(loop_pid, "spawn_main")
+    assert api_processes  # the HTTP API is served beside the loop's process
+    os.kill(loop_pid, signal.SIGKILL)  # the controller dies mid-job
+    deadline = time.monotonic() + 30
+    while any(command_line(pid) for pid in api_processes):  # they end with it
+        assert time.monotonic() < deadline, [command_line(pid) for pid in api_processes]
+        time.sleep(0.2)
     stack.cli("up", check=True)  # the controller alone: its job runs on, not handed over again
+    assert stack.info["api_url"] == api_url  # where clients following the job look
     # The driver's python, not the shell Ray Jobs runs the entrypoint through.
     (driver,) = [
         pid

@@ -3,12 +3,13 @@ the append-only transition log."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from service.auth import ADMIN, AuthError, authenticate, create_token
+from service.auth import ADMIN, Authenticator, AuthError, authenticate, create_token
 from service.store import Job, JobState, JobStore, utcnow
 
 
@@ -100,3 +101,19 @@ def test_tokens_are_stored_as_hashes_and_map_to_users(store_url: str) -> None:
     assert store.revoke_tokens("alice") == 1
     with pytest.raises(AuthError):
         authenticate(store, f"Bearer {token}")
+
+
+def test_a_server_remembers_a_token_for_a_bounded_time_and_never_an_unknown_one(
+    store_url: str,
+) -> None:
+    store = JobStore(store_url)
+    token = create_token(store, "alice")
+    server = Authenticator(store, remember_s=0.5)
+    assert server(f"Bearer {token}").user == "alice"
+    assert store.revoke_tokens("alice") == 1
+    assert server(f"Bearer {token}").user == "alice"  # remembered, within the bound
+    time.sleep(0.6)
+    with pytest.raises(AuthError, match="unknown or revoked"):
+        server(f"Bearer {token}")
+    later = create_token(store, "bob")  # a token made after a miss is found at once
+    assert server(f"Bearer {later}").user == "bob"

@@ -173,3 +173,27 @@ def test_an_elastic_job_is_stored_with_its_range_and_planned_at_what_fits(tmp_pa
     assert (admitted.id, admitted.workers, admitted.cpus) == (job.id, 2, 2.0)
     with pytest.raises(SpecError, match="the job needs 3 CPUs and 0 GPUs at once"):
         controller.submit(ALICE, apply_overrides(elastic, ["resources.workers={min: 3, max: 4}"]))
+
+
+def test_the_loop_writes_why_a_job_waits_where_the_api_reads_it(tmp_path: Path) -> None:
+    """The loop and the API run in processes of their own (service/server.py): the API reads
+    a queued job's wait from the store, as the loop's latest turn wrote it, and a job queued
+    again has its earlier wait cleared until the loop plans it anew."""
+    loop = paused_controller(tmp_path)
+    loop.settings = loop.settings.model_copy(update={"max_workers_per_user": 1})
+    api = Controller(loop.settings)
+    two_workers = apply_overrides(TINY, ["resources.workers=2", "resources.cpus_per_worker=1"])
+    job, _ = api.submit(ALICE, two_workers)
+    assert api.waiting_reason(api.get(ALICE, job.id)) == "the queue is paused by an admin"
+    loop.tick()
+    assert api.store.get(job.id).waiting == "the queue is paused by an admin"
+    loop.set_paused(False)
+    loop.tick()
+    capped = "user alice has 0 workers running; this job's 2 more would pass the per-user cap of 1"
+    assert api.waiting_reason(api.get(ALICE, job.id)) == capped
+    api.cancel(ALICE, job.id)
+    api.retry(ALICE, job.id)
+    assert api.store.get(job.id).waiting is None  # queued again: not planned yet
+    loop.tick()  # the same plan as before it left the queue, written again
+    assert api.waiting_reason(api.get(ALICE, job.id)) == capped
+    assert api.estimated_start(api.get(ALICE, job.id)) is None  # nothing runs to estimate from
