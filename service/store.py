@@ -33,6 +33,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -61,9 +62,10 @@ FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLE
 ACTIVE_STATES = frozenset({JobState.STARTING, JobState.RUNNING})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admissible:
-    """What admission reads of a job (service/scheduler.py plans with these)."""
+    """What admission reads of a job (service/scheduler.py plans with these). Not frozen: a
+    frozen dataclass's __init__ took 18 of a decision's 53 ms with 10,000 jobs queued."""
 
     id: str
     owner: str
@@ -377,23 +379,38 @@ class JobStore:
 
     def schedulable(self, states: Iterable[JobState]) -> list[Admissible]:
         """The jobs in ``states`` with just what admission reads (not their specs)."""
+        sqlite = self.engine.dialect.name == "sqlite"
+        # SQLite's timestamps as their text, parsed below: datetime.fromisoformat takes a
+        # fraction of SQLAlchemy's own conversion (10,000 rows: ~1.5 ms against ~9 ms).
+        created, started = (
+            (type_coerce(Job.created_at, String), type_coerce(Job.started_at, String))
+            if sqlite
+            else (Job.created_at, Job.started_at)
+        )
         query = select(
             Job.id,
             Job.owner,
             Job.priority,
-            Job.created_at,
+            created,
             Job.workers,
             Job.cpus,
             Job.gpus,
             Job.worker_cpus,
-            Job.started_at,
+            started,
             Job.min_workers,
             Job.max_workers,
         ).where(Job.state.in_([str(state) for state in states]))
         with self._reader.connect() as connection:
-            # Plain tuples into slotted objects: the planner reads each field of 10,000 jobs
-            # several times, and a SQLAlchemy Row's attribute lookup costs twice as much.
-            return [Admissible(*row) for row in connection.execute(query)]
+            rows = connection.execute(query).all()
+        if sqlite:
+            parse = datetime.fromisoformat
+            rows = [
+                (*row[:3], parse(row[3]), *row[4:8], row[8] and parse(row[8]), *row[9:])
+                for row in rows
+            ]
+        # Plain tuples into slotted objects: the planner reads each field of 10,000 jobs
+        # several times, and a SQLAlchemy Row's attribute lookup costs twice as much.
+        return [Admissible(*row) for row in rows]
 
     def _as_stored(self, moment: datetime) -> datetime:
         """An aware time as the backend compares it: SQLite keeps naive UTC text."""
