@@ -2,19 +2,23 @@
 scheduler's decision time with a deep queue. Each figure has a reference measured beside it
 in the same run, because this machine is shared and noisy.
 
-API: a real `selfsup server` process with the queue paused, so only the submit path is
-measured, on each backend asked for: `sqlite` (job store and MLflow on SQLite files, as
-`selfsup up` runs it) and `postgresql` (both on a private PostgreSQL server on loopback,
-service/postgres.py). N submissions, each with its own idempotency key, from C concurrent
-clients. A submit stores the job and answers; the controller's loop makes each job's MLflow
-run after it, so the figures also say how long until every job had its run. References in
-the same run: GET /healthz from the same clients (the HTTP round trip alone), and one MLflow
-run made directly, one after another (the tracking work the loop does per job).
+API: a real `selfsup server` (its loop's process and its API processes, as many as the
+settings give for the backend: one on SQLite, two on PostgreSQL) with the queue paused, so
+only the submit path is measured, on each backend asked for: `sqlite` (job store and MLflow
+on SQLite files, as `selfsup up` runs it) and `postgresql` (both on a private PostgreSQL
+server on loopback, service/postgres.py). N submissions, each with its own idempotency key,
+from C concurrent clients. A submit stores the job and answers; the controller's loop makes
+each job's MLflow run after it, so the figures also say how long until every job had its
+run. References in the same run: GET /healthz from the same clients (the HTTP round trip
+alone), and one MLflow run made directly, one after another (the tracking work the loop
+does per job).
 
 Scheduler: Q queued jobs of random owners, priorities and ages in a SQLite store; one
 decision = read the queue and the running jobs from the store (the columns admission needs,
 as the controller's loop reads them), then `scheduler.plan`. The reference is Python's sort
-of the same jobs by (priority, age).
+of the same jobs by (priority, age). Beside it, what the loop's turn then writes: every
+queued job's wait (the first turn after a start), and the read that finds waits cleared
+(every turn).
 
     .venv/bin/python -m benchmarks.bench_controller                    # 1000 x 20, 10000 queued
     .venv/bin/python -m benchmarks.bench_controller --submissions 200 --queued 1000
@@ -165,6 +169,7 @@ def bench_api(backend: str, submissions: int, clients: int) -> dict:
     assert stored == submissions, (stored, submissions)
     return {
         "backend": backend,
+        "api_processes": settings.api_process_count,
         "submissions": submissions,
         "clients": clients,
         "submit": percentiles(submit_latencies) | {"per_s": submissions / submit_wall},
@@ -205,7 +210,7 @@ def bench_scheduler(queued: int, repeats: int) -> dict:
             )
         policy = Policy(max_workers_per_user=8)
         total = Resources(64, 0)
-        decide, plan_only, sort_only = [], [], []
+        decide, plan_only, sort_only, write_all, find_cleared = [], [], [], [], []
         for _ in range(repeats):
             started = time.perf_counter()
             waiting = store.schedulable([JobState.QUEUED])
@@ -217,12 +222,21 @@ def bench_scheduler(queued: int, repeats: int) -> dict:
             sort_only.append(time.perf_counter() - finished)
             decide.append(finished - started)
             plan_only.append(finished - loaded)
+            waits = {job_id: (reason, None) for job_id, reason in result.waiting.items()}
+            started = time.perf_counter()
+            store.set_waiting(waits)
+            written = time.perf_counter()
+            store.unplanned(waits)
+            find_cleared.append(time.perf_counter() - written)
+            write_all.append(written - started)
     assert len(result.admit) + len(result.waiting) == queued
     return {
         "queued": queued,
         "decision_with_store_ms": 1000 * statistics.median(decide),
         "plan_only_ms": 1000 * statistics.median(plan_only),
         "python_sort_ms": 1000 * statistics.median(sort_only),
+        "write_every_wait_ms": 1000 * statistics.median(write_all),
+        "find_cleared_waits_ms": 1000 * statistics.median(find_cleared),
     }
 
 
@@ -247,7 +261,8 @@ def main() -> None:
     for api in apis:
         submit, health = api["submit"], api["healthz"]
         print(
-            f"{api['backend']}: submit p50 {submit['p50_ms']:.1f} ms, p99 "
+            f"{api['backend']} ({api['api_processes']} API processes): submit p50 "
+            f"{submit['p50_ms']:.1f} ms, p99 "
             f"{submit['p99_ms']:.1f} ms, {submit['per_s']:.0f}/s ({args.submissions} from "
             f"{args.clients} clients); every job had its MLflow run "
             f"{api['every_job_has_its_run_s']:.1f} s after the first submit; healthz p50 "
@@ -257,7 +272,9 @@ def main() -> None:
     print(
         f"scheduler, {args.queued} queued: {scheduler['decision_with_store_ms']:.0f} ms per "
         f"decision with the store reads, plan alone {scheduler['plan_only_ms']:.1f} ms, "
-        f"Python's sort of the same jobs {scheduler['python_sort_ms']:.1f} ms"
+        f"Python's sort of the same jobs {scheduler['python_sort_ms']:.1f} ms; writing every "
+        f"job's wait {scheduler['write_every_wait_ms']:.0f} ms, finding cleared waits "
+        f"{scheduler['find_cleared_waits_ms']:.1f} ms"
     )
 
 
