@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from service.auth import ADMIN, Authenticator, AuthError, authenticate, create_token
-from service.store import Job, JobState, JobStore, utcnow
+from service.store import ACTIVE_STATES, Job, JobState, JobStore, utcnow
 
 
 def new_job(job_id: str) -> Job:
@@ -117,3 +117,23 @@ def test_a_server_remembers_a_token_for_a_bounded_time_and_never_an_unknown_one(
         server(f"Bearer {token}")
     later = create_token(store, "bob")  # a token made after a miss is found at once
     assert server(f"Bearer {later}").user == "bob"
+
+
+def test_admission_reads_see_every_change_by_any_process(store_url: str) -> None:
+    """schedulable() reads a row whole only when it changed since that store last read it:
+    changes made through another store object (another process) are seen all the same."""
+    loop, api = JobStore(store_url), JobStore(store_url)
+    for job_id in ("job-1", "job-2"):
+        api.add(new_job(job_id), actor="alice", reason="submitted")
+    queued = [JobState.QUEUED]
+    assert [job.id for job in loop.schedulable(queued)] == ["job-1", "job-2"]
+    assert loop.schedulable(list(ACTIVE_STATES)) == []
+    assert api.transition("job-1", queued, JobState.STARTING, "ctl", workers=3, cpus=3.0)
+    assert [job.id for job in loop.schedulable(queued)] == ["job-2"]
+    (started,) = loop.schedulable(list(ACTIVE_STATES))
+    assert (started.id, started.workers, started.cpus) == ("job-1", 3, 3.0)
+    api.transition("job-1", list(ACTIVE_STATES), JobState.QUEUED, "ctl", workers=1, cpus=1.0)
+    again = {job.id: job for job in loop.schedulable(queued)}
+    assert set(again) == {"job-1", "job-2"}
+    assert (again["job-1"].workers, again["job-1"].cpus) == (1, 1.0)
+    assert loop.schedulable(list(ACTIVE_STATES)) == []
