@@ -1,6 +1,6 @@
 """The controller with real jobs on the real stack: admission in priority order with room for
 one gang; one job cancelled and retried, its controller killed and restarted, its driver
-killed so that the controller retries it from its checkpoint; a sweep of four trials, one of
+killed so that the controller retries it from its checkpoint; a sweep of three trials, one of
 them preempted by an evaluation job that depends on another; and the watchdog. (A Ray Train
 worker node lost mid-run is in tests/test_production_stack.py, on S3 data and checkpoints.)"""
 
@@ -181,12 +181,12 @@ def test_cancel_retry_a_killed_controller_and_driver_all_resume_from_checkpoints
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
+def test_a_sweep_of_three_runs_two_at_a_time_ranks_them_and_promotes_the_best(
     stack: Stack, tmp_path: Path
 ) -> None:
-    """Four one-CPU PCA trials (2 x 2 grid: components, and 1 or 60 epochs) on the 2-CPU
-    stack, at most two at once, ranked by kNN accuracy; the best trial's registered version
-    gets the alias ``best``.
+    """Three one-CPU PCA trials (a grid of 1, 60 and 2 epochs) on the 2-CPU stack, at most two
+    at once, ranked by kNN accuracy; the best trial's registered version gets the alias
+    ``best``.
 
     Beside it, an evaluation job (``kind: evaluate``) of priority 10 that takes both CPUs and
     depends on the first trial (one epoch): queued until that trial succeeds, it then
@@ -200,7 +200,7 @@ def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
     document["evaluate"] |= {"knn": True}
     document["register"] = {"model": model}
     document["sweep"] = {
-        "grid": {"method.components": [2, 8], "train.epochs": [1, 60]},
+        "grid": {"train.epochs": [1, 60, 2]},
         "max_parallel": 2,
         "metric": "eval.knn.top1",
         "promote": "best",
@@ -223,15 +223,10 @@ def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
         time.sleep(1)
     assert sweep["state"] == "SUCCEEDED", sweep
     trials = sweep["trials"]
-    assert [trial["state"] for trial in trials] == ["SUCCEEDED"] * 4
+    assert [trial["state"] for trial in trials] == ["SUCCEEDED"] * 3
     values = [trial["value"] for trial in trials]
     assert values == sorted(values, reverse=True) and 0.5 < values[0] <= 1.0, values
-    assert {(t["values"]["method.components"], t["values"]["train.epochs"]) for t in trials} == {
-        (2, 1),
-        (2, 60),
-        (8, 1),
-        (8, 60),
-    }
+    assert sorted(trial["values"]["train.epochs"] for trial in trials) == [1, 2, 60]
     # Never more than two trials held the cluster at once (the history of each says when).
     spans = []
     for trial in trials:
@@ -243,7 +238,7 @@ def test_a_sweep_of_four_runs_two_at_a_time_ranks_them_and_promotes_the_best(
     assert best["sweep_id"] == sweep_id and sweep["result"]["best_job"] == best["id"]
     registry = Registry(stack.tracking_uri)
     # One version a trial: the preempted trial registered once, in whichever attempt.
-    assert len(registry.versions(model)) == 4
+    assert len(registry.versions(model)) == 3
     promoted = registry.resolve(Reference(model, alias="best"))
     assert promoted.version == best["result"]["model_version"], (promoted, best["result"])
     assert sweep["message"].endswith(f"{model}@best -> version {promoted.version}")
