@@ -88,6 +88,12 @@ class Secrets:
         }
 
 
+# MLflow's server otherwise starts a job runner and seven Huey consumer processes for its
+# GenAI features (scorers, trace roll-ups), which selfsup never uses: ~25 CPU-seconds at
+# every start on two cores. infra/compose sets the same.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def mlflow_server_args(backend_store_uri: str, artifacts_destination: str) -> list[str]:
     """`mlflow server`'s arguments, host and port aside (infra/compose gives the same)."""
     return [
@@ -153,6 +159,7 @@ def _spawn_mlflow(
     env = {
         **head_env(paths),
         **keys.s3_env(s3),
+        **MLFLOW_SERVER_ENV,
         "MLFLOW_AUTH_CONFIG_PATH": str(config),
         "MLFLOW_AUTH_ADMIN_PASSWORD": keys.mlflow_admin_password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": keys.flask_secret,

@@ -21,6 +21,7 @@ from service.config import StatePaths
 from service.production import (
     BUCKET,
     MLFLOW_ADMIN,
+    MLFLOW_SERVER_ENV,
     WORKER_RESOURCE,
     controller_settings,
     mlflow_server_args,
@@ -209,6 +210,7 @@ def test_mlflow_runs_the_production_stacks_command() -> None:
     assert "python -m service.production mlflow-auth-config" in mlflow["entrypoint"][2]
     env = _service_env("mlflow")
     assert env["MLFLOW_AUTH_CONFIG_PATH"] in mlflow["entrypoint"][2]
+    assert MLFLOW_SERVER_ENV.items() <= env.items()
     assert _service_env("controller")["MLFLOW_TRACKING_USERNAME"] == MLFLOW_ADMIN
 
 
