@@ -260,9 +260,10 @@ def bucket(s3: S3Endpoint) -> str:
 def stack(s3: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("selfsup-home")
     running = Stack(home)
-    # A setting through the environment, as a deployment may give it: the controller's
-    # tests preempt a running job for a higher-priority one.
+    # Settings through the environment, as a deployment may give them: the controller's
+    # tests preempt a running job for a higher-priority one, and retry a job sooner.
     running.env["SELFSUP_PREEMPTION"] = "lower_priority"
+    running.env["SELFSUP_RETRY_BACKOFF_S"] = "2"  # a retried job waits 2 s, not 10
     running.cli("up", "--num-cpus", "2", check=True, timeout=180)
     yield running
     running.cli("down", timeout=120)

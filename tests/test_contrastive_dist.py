@@ -2,8 +2,9 @@
 concatenated batch: gather-with-gradient losses (SimCLR's NT-Xent, Siamese's margin loss),
 MoCo's queue and shuffled BatchNorm, PIRL's memory bank with a sampler-padding duplicate.
 
-One Ray Train run does all the distributed work (a run costs ~20 s to start); each test
-then checks one property of what the ranks returned.
+The distributed work is this module's part of the Ray Train run shared with the other
+distributed tests (tests/latent_ranks.py: a run costs ~10-20 s to start); each test then
+checks one property of what the ranks returned.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.params import MoCoParams, PIRLParams
-from tests.distributed import run_on_workers
+from tests.latent_ranks import part_results, register_part
 from workers import dist
 from workers.losses import margin_contrastive_loss, nt_xent_loss
 from workers.methods import Method, MethodContext
@@ -150,9 +151,12 @@ def on_each_rank(_: None) -> dict[str, Any]:
     return results
 
 
+register_part("contrastive", on_each_rank)
+
+
 @pytest.fixture(scope="module")
 def ranks(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return run_on_workers(on_each_rank, None, tmp_path_factory.mktemp("contrastive"), WORLD)
+    return part_results("contrastive", tmp_path_factory)
 
 
 def assert_states_equal_one_process(ranks: list[dict], key: str, one: Method) -> None:

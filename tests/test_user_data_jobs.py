@@ -89,6 +89,7 @@ def test_too_many_unreadable_files_fail_the_job_as_a_user_error(
     method = {"name": "simclr", "temperature": 0.2, "projection_dim": 32, "hidden_dim": 64}
     document = job_document("test-too-many-bad", method, bucket, max_bad_fraction=0.0)
     document["max_retries"] = 2
+    document["train"]["epochs"] = 1  # the count is checked once training ends
     registry = MlflowClient(stack.tracking_uri, registry_uri=stack.tracking_uri)
     before = [(v.name, v.version) for v in registry.search_model_versions()]
     job, stderr = stack.submit_and_wait(document, tmp_path)
