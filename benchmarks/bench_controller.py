@@ -13,7 +13,8 @@ run. References in the same run: GET /healthz from the same clients (the HTTP ro
 alone), and one MLflow run made directly, one after another (the tracking work the loop
 does per job).
 
-Scheduler: Q queued jobs of random owners, priorities and ages in a SQLite store; one
+Scheduler: Q queued jobs of random owners, priorities and ages in a SQLite store, each row
+holding a spec as a submit stores it (its YAML and its parsed form); one
 decision = read the queue and the running jobs from the store (the columns admission needs,
 as the controller's loop reads them), then `scheduler.plan`. The reference is Python's sort
 of the same jobs by (priority, age). Beside it, what the loop's turn then writes: every
@@ -181,7 +182,8 @@ def bench_api(backend: str, submissions: int, clients: int) -> dict:
 
 def bench_scheduler(queued: int, repeats: int) -> dict:
     rng = random.Random(0)
-    spec = load_spec_text(SPEC.read_text())
+    spec_text = SPEC.read_text()
+    spec = load_spec_text(spec_text)
     cpus, gpus = gang_resources(spec)
     now = utcnow()
     with tempfile.TemporaryDirectory(prefix="bench-sched-") as scratch:
@@ -196,8 +198,8 @@ def bench_scheduler(queued: int, repeats: int) -> dict:
                     owner=f"user-{rng.randrange(50)}",
                     state=str(state),
                     priority=rng.randint(-10, 10),
-                    spec_yaml="",
-                    spec={},
+                    spec_yaml=spec_text,  # rows as large as a submit stores them
+                    spec=spec.model_dump(mode="json"),
                     config_hash="",
                     workers=rng.choice([1, 2, 4]),
                     cpus=cpus * rng.choice([1, 2, 4]),

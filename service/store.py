@@ -23,6 +23,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -99,14 +100,19 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
-    # A client's idempotency key names one job per owner: a repeated POST finds it.
-    __table_args__ = (UniqueConstraint("owner", "idempotency_key"),)
+    __table_args__ = (
+        # A client's idempotency key names one job per owner: a repeated POST finds it.
+        UniqueConstraint("owner", "idempotency_key"),
+        # Covers what the loop reads of every queued job each turn (schedulable): read from
+        # the table, 10,000 rows with their specs took ~30 ms of SQLite pages (migration 0007).
+        Index("ix_jobs_state_id_updated_at", "state", "id", "updated_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
     owner: Mapped[str] = mapped_column(String(128), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(Integer, default=0)
     spec_yaml: Mapped[str] = mapped_column(Text)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
