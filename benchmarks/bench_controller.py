@@ -13,8 +13,8 @@ run. References in the same run: GET /healthz from the same clients (the HTTP ro
 alone), and one MLflow run made directly, one after another (the tracking work the loop
 does per job).
 
-Scheduler: Q queued jobs of random owners, priorities and ages in a SQLite store, each row
-holding a spec as a submit stores it (its YAML and its parsed form); one
+Scheduler: Q queued jobs of random owners, priorities and ages in the job store of each
+backend, each row holding a spec as a submit stores it (its YAML and its parsed form); one
 decision = read the queue and the running jobs from the store (the columns admission needs,
 as the controller's loop reads them), then `scheduler.plan`. The reference is Python's sort
 of the same jobs by (priority, age). Beside it, what the loop's turn then writes: every
@@ -24,6 +24,7 @@ queued job's wait (the first turn after a start), and the read that finds waits 
     .venv/bin/python -m benchmarks.bench_controller                    # 1000 x 20, 10000 queued
     .venv/bin/python -m benchmarks.bench_controller --submissions 200 --queued 1000
     .venv/bin/python -m benchmarks.bench_controller --backends sqlite  # no PostgreSQL here
+    .venv/bin/python -m benchmarks.bench_controller --parts scheduler  # no server
 """
 
 from __future__ import annotations
@@ -180,14 +181,17 @@ def bench_api(backend: str, submissions: int, clients: int) -> dict:
     }
 
 
-def bench_scheduler(queued: int, repeats: int) -> dict:
+def bench_scheduler(backend: str, queued: int, repeats: int) -> dict:
     rng = random.Random(0)
     spec_text = SPEC.read_text()
     spec = load_spec_text(spec_text)
     cpus, gpus = gang_resources(spec)
     now = utcnow()
-    with tempfile.TemporaryDirectory(prefix="bench-sched-") as scratch:
-        store = JobStore(f"sqlite:///{Path(scratch) / 'jobs.db'}")
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-sched-") as scratch,
+        backend_urls(backend, Path(scratch)) as (store_url, _),
+    ):
+        store = JobStore(store_url)
         for index in range(queued + 4):
             created = now - timedelta(seconds=rng.uniform(0, 86_400))
             state = JobState.RUNNING if index < 4 else JobState.QUEUED
@@ -231,8 +235,10 @@ def bench_scheduler(queued: int, repeats: int) -> dict:
             store.unplanned(waits)
             find_cleared.append(time.perf_counter() - written)
             write_all.append(written - started)
+        store.engine.dispose()  # before the PostgreSQL server stops
     assert len(result.admit) + len(result.waiting) == queued
     return {
+        "backend": backend,
         "queued": queued,
         "decision_with_store_ms": 1000 * statistics.median(decide),
         "plan_only_ms": 1000 * statistics.median(plan_only),
@@ -251,14 +257,18 @@ def main() -> None:
     parser.add_argument(
         "--backends", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql"
     )
+    parser.add_argument("--parts", default="api,scheduler", help="comma-separated: api, scheduler")
     args = parser.parse_args()
+    backends, parts = args.backends.split(","), args.parts.split(",")
     apis = [
-        bench_api(backend, args.submissions, args.clients)
-        for backend in args.backends.split(",")
-        if backend  # --backends "" measures the scheduler alone
+        bench_api(backend, args.submissions, args.clients) for backend in backends if "api" in parts
     ]
-    scheduler = bench_scheduler(args.queued, args.repeats)
-    print(json.dumps({"api": apis, "scheduler": scheduler}, indent=2))
+    schedulers = [
+        bench_scheduler(backend, args.queued, args.repeats)
+        for backend in backends
+        if "scheduler" in parts
+    ]
+    print(json.dumps({"api": apis, "scheduler": schedulers}, indent=2))
     print()
     for api in apis:
         submit, health = api["submit"], api["healthz"]
@@ -271,13 +281,15 @@ def main() -> None:
             f"{health['p50_ms']:.1f} ms, p99 {health['p99_ms']:.1f} ms, {health['per_s']:.0f}/s; "
             f"one MLflow run made directly: p50 {api['mlflow_run_direct']['p50_ms']:.1f} ms"
         )
-    print(
-        f"scheduler, {args.queued} queued: {scheduler['decision_with_store_ms']:.0f} ms per "
-        f"decision with the store reads, plan alone {scheduler['plan_only_ms']:.1f} ms, "
-        f"Python's sort of the same jobs {scheduler['python_sort_ms']:.1f} ms; writing every "
-        f"job's wait {scheduler['write_every_wait_ms']:.0f} ms, finding cleared waits "
-        f"{scheduler['find_cleared_waits_ms']:.1f} ms"
-    )
+    for scheduler in schedulers:
+        print(
+            f"{scheduler['backend']} scheduler, {args.queued} queued: "
+            f"{scheduler['decision_with_store_ms']:.0f} ms per "
+            f"decision with the store reads, plan alone {scheduler['plan_only_ms']:.1f} ms, "
+            f"Python's sort of the same jobs {scheduler['python_sort_ms']:.1f} ms; writing every "
+            f"job's wait {scheduler['write_every_wait_ms']:.0f} ms, finding cleared waits "
+            f"{scheduler['find_cleared_waits_ms']:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

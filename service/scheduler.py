@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import Literal
 
 from service.store import Admissible, aware
@@ -120,16 +120,20 @@ def _effective_priorities(
 ) -> list[tuple[float, float]]:
     """Each job's effective priority, and how long it has waited in seconds: the spec's
     priority, plus aging, minus the owner's fair-share penalty for the workers they run."""
-    # SQLite hands back naive UTC times: subtracting from a naive "now" spares a
-    # datetime.replace per job, which was most of a decision's time with 10,000 queued. One
-    # loop here, not a function called per job: the calls were a third of the queue's sort.
+    # Each job's time is subtracted from "now" in its own tzinfo: SQLite hands back naive
+    # UTC times (a datetime.replace per job was most of a decision's time with 10,000
+    # queued), PostgreSQL times in the connection's zone, and two times of one tzinfo object
+    # subtract without calling utcoffset() on either (4x faster). One loop here, not a
+    # function called per job: the calls were a third of the queue's sort.
     now = aware(now)
-    naive_now = now.replace(tzinfo=None)
+    now_in: dict[tzinfo | None, datetime] = {None: now.replace(tzinfo=None)}
     aging_per_s = policy.aging_per_minute / 60
     ranked = []
     for job in jobs:
         created = job.created_at
-        waited_s = ((naive_now if created.tzinfo is None else now) - created).total_seconds()
+        if (same_zone_now := now_in.get(created.tzinfo)) is None:
+            same_zone_now = now_in[created.tzinfo] = now.astimezone(created.tzinfo)
+        waited_s = (same_zone_now - created).total_seconds()
         priority = job.priority + aging_per_s * max(0.0, waited_s) - penalty.get(job.owner, 0.0)
         ranked.append((priority, waited_s))
     return ranked
