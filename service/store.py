@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -23,14 +24,11 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
-    Index,
     Integer,
-    Select,
     String,
     Text,
     UniqueConstraint,
     bindparam,
-    cast,
     create_engine,
     event,
     func,
@@ -84,7 +82,20 @@ class Admissible:
     max_workers: int | None = None
 
 
-_READ_WHOLE_BEYOND = 500  # schedulable(): more changed rows than this, read them all
+# schedulable() reads again the rows changed this long before its last read (a write whose
+# updated_at was taken before another's that committed first), and every job in its states
+# every _FULL_READ_EVERY_S whatever happened.
+REREAD_OVERLAP = timedelta(seconds=5)
+_FULL_READ_EVERY_S = 60.0
+
+
+@dataclass
+class _Snapshot:
+    """What ``JobStore.schedulable`` last read of the jobs in some states."""
+
+    jobs: dict[str, Admissible]
+    read_at: datetime  # before the last read: rows changed since are read at the next
+    full_read_at: float  # time.monotonic() of the last read of them all
 
 
 def utcnow() -> datetime:
@@ -102,19 +113,14 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (
-        # A client's idempotency key names one job per owner: a repeated POST finds it.
-        UniqueConstraint("owner", "idempotency_key"),
-        # Covers what the loop reads of every queued job each turn (schedulable): read from
-        # the table, 10,000 rows with their specs took ~30 ms of SQLite pages (migration 0007).
-        Index("ix_jobs_state_id_updated_at", "state", "id", "updated_at"),
-    )
+    # A client's idempotency key names one job per owner: a repeated POST finds it.
+    __table_args__ = (UniqueConstraint("owner", "idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
     owner: Mapped[str] = mapped_column(String(128), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     spec_yaml: Mapped[str] = mapped_column(Text)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -148,7 +154,9 @@ class Job(Base):
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Set inside the transaction of every write of the columns admission reads: the loop reads
+    # the jobs changed since its last turn by it (JobStore.schedulable; indexed: migration 0007).
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -256,19 +264,6 @@ def _submitted(job: Job, actor: str, reason: str) -> Transition:
     )
 
 
-def _plain_rows(connection: Connection, query: Select) -> list[tuple]:
-    """The rows of ``query`` as the driver's tuples, for a read of every queued job each turn:
-    SQLAlchemy's Row objects cost as much as the fetch itself (10,000 rows on PostgreSQL:
-    ~7 ms of ~17). Its values are bound into the SQL, so ``query`` must hold no user input."""
-    sql = str(query.compile(connection.engine, compile_kwargs={"literal_binds": True}))
-    cursor = connection.connection.cursor()
-    try:
-        cursor.execute(sql)
-        return cursor.fetchall()
-    finally:
-        cursor.close()
-
-
 class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url, pool_size=10, max_overflow=30)
@@ -276,8 +271,8 @@ class JobStore:
         # BEGIN and the ROLLBACK a pooled connection's transaction adds on PostgreSQL.
         self._reader = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._writer: contextlib.AbstractContextManager = contextlib.nullcontext()
-        # schedulable()'s rows as last read: states -> job id -> (updated_at, Admissible)
-        self._schedulable: dict[frozenset[str], dict[str, tuple[Any, Admissible]]] = {}
+        # schedulable()'s jobs as last read, per set of states
+        self._schedulable: dict[frozenset[str], _Snapshot] = {}
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
             self._writer = threading.Lock()
@@ -311,6 +306,7 @@ class JobStore:
         """Insert a job and its first transition; None if its (owner, idempotency key) exists."""
         try:
             with self._writing_rows() as connection:
+                job.updated_at = utcnow()  # in the transaction: see Job.updated_at
                 connection.execute(insert(Job), [_inserted(job)])
                 connection.execute(insert(Transition), [_inserted(_submitted(job, actor, reason))])
         except IntegrityError:
@@ -322,6 +318,8 @@ class JobStore:
     def add_sweep(self, sweep: Sweep, trials: list[Job], actor: str) -> None:
         """A sweep and its trials' jobs, queued, in one transaction: all or nothing."""
         with self._writing() as session:
+            for job in trials:
+                job.updated_at = utcnow()  # in the transaction: see Job.updated_at
             session.add(sweep)
             session.add_all(trials)
             session.flush()
@@ -405,37 +403,35 @@ class JobStore:
             return list(session.scalars(query))
 
     def schedulable(self, states: Iterable[JobState]) -> list[Admissible]:
-        """The jobs in ``states`` with just what admission reads (not their specs). A job's
-        row is read whole only when it is new to this store object or has changed since it
-        last read it (its ``updated_at``, which every write of those columns sets): the loop
-        reads the queue every turn, and all the columns of 10,000 queued rows were half a
-        decision's time."""
+        """The jobs in ``states`` with just what admission reads (not their specs). The loop
+        calls this every turn: after a first read of them all, it reads only the rows changed
+        since its last read (by ``updated_at``), and all of them again every
+        ``_FULL_READ_EVERY_S``. With 10,000 queued, reading them all, or even only each one's
+        ``updated_at``, was most of a decision's time."""
         key = frozenset(str(state) for state in states)
-        known = self._schedulable.get(key, {})
-        in_states = Job.state.in_(sorted(key))
+        snapshot = self._schedulable.get(key)
+        started, read_at = time.monotonic(), utcnow()
         with self._reader.connect() as connection:
-            versions = _plain_rows(connection, select(Job.id, self._version()).where(in_states))
-            stale = {
-                job_id for job_id, version in versions if known.get(job_id, ("",))[0] != version
-            }
-            if len(stale) > _READ_WHOLE_BEYOND:  # a long IN list costs more than them all
-                read, fresh = True, self._admissible(connection, in_states)
+            if snapshot is None or started - snapshot.full_read_at > _FULL_READ_EVERY_S:
+                rows = self._admissible(connection, Job.state.in_(sorted(key)))
+                snapshot = self._schedulable[key] = _Snapshot({}, read_at, started)
             else:
-                read, fresh = False, self._admissible(connection, in_states & Job.id.in_(stale))
-        current = {}
-        for job_id, _ in versions:
-            entry = fresh.get(job_id) if read or job_id in stale else known[job_id]
-            if entry is not None:  # None: it left ``states`` between the two reads
-                current[job_id] = entry
-        self._schedulable[key] = current
-        return [job for _, job in current.values()]
+                since = self._as_stored(snapshot.read_at - REREAD_OVERLAP)
+                rows = self._admissible(connection, Job.updated_at >= since)
+                snapshot.read_at = read_at
+        for state, job in rows:
+            if state in key:
+                snapshot.jobs[job.id] = job
+            else:  # it left ``states``
+                snapshot.jobs.pop(job.id, None)
+        return list(snapshot.jobs.values())
 
     def _admissible(
         self, connection: Connection, where: ColumnElement[bool]
-    ) -> dict[str, tuple[Any, Admissible]]:
-        """Job id -> (its version, what admission reads of it), for the jobs ``where``."""
+    ) -> list[tuple[str, Admissible]]:
+        """(state, what admission reads) of the jobs ``where``."""
         query = select(
-            self._version(),
+            Job.state,
             Job.id,
             Job.owner,
             Job.priority,
@@ -450,9 +446,9 @@ class JobStore:
         ).where(where)
         # Plain tuples into slotted objects: the planner reads each field of 10,000 jobs
         # several times, and a SQLAlchemy Row's attribute lookup costs twice as much.
-        jobs = {row[1]: (row[0], Admissible(*row[1:])) for row in connection.execute(query)}
+        jobs = [(row[0], Admissible(*row[1:])) for row in connection.execute(query)]
         if self.engine.dialect.name == "sqlite":  # its timestamps came as text
-            for _, job in jobs.values():
+            for _, job in jobs:
                 job.created_at = datetime.fromisoformat(job.created_at)
                 if job.started_at is not None:
                     job.started_at = datetime.fromisoformat(job.started_at)
@@ -463,13 +459,6 @@ class JobStore:
         fraction of SQLAlchemy's own conversion (10,000 rows: ~1.5 ms against ~9 ms), and
         compares as it is; elsewhere the column."""
         return type_coerce(column, String) if self.engine.dialect.name == "sqlite" else column
-
-    def _version(self) -> Any:
-        """A job's ``updated_at`` as text, to compare with the one last read: PostgreSQL's
-        driver took as long to make datetimes of 10,000 of them as to fetch the rows."""
-        if self.engine.dialect.name == "sqlite":
-            return self._as_text(Job.updated_at)
-        return cast(Job.updated_at, Text)
 
     def _as_stored(self, moment: datetime) -> datetime:
         """An aware time as the backend compares it: SQLite keeps naive UTC text."""
@@ -568,11 +557,11 @@ class JobStore:
         **fields: Any,
     ) -> bool:
         """Move a job to ``to_state`` only if it is in one of ``from_states``; True if moved."""
-        now = utcnow()
         allowed = [str(state) for state in from_states]
         if to_state is JobState.QUEUED:  # queued again: its earlier wait is history
             fields = {"waiting": None, "estimated_start": None, **fields}
         with self._writing() as session:
+            now = utcnow()  # in the transaction: see Job.updated_at
             current = session.scalar(select(Job.state).where(Job.id == job_id))
             if current is None or current not in allowed:
                 return False

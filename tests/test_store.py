@@ -7,10 +7,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, text, update
 
+from service import store as store_module
 from service.auth import ADMIN, Authenticator, AuthError, authenticate, create_token
-from service.store import ACTIVE_STATES, Job, JobState, JobStore, utcnow
+from service.store import ACTIVE_STATES, REREAD_OVERLAP, Job, JobState, JobStore, utcnow
 
 
 def new_job(job_id: str) -> Job:
@@ -120,8 +121,8 @@ def test_a_server_remembers_a_token_for_a_bounded_time_and_never_an_unknown_one(
 
 
 def test_admission_reads_see_every_change_by_any_process(store_url: str) -> None:
-    """schedulable() reads a row whole only when it changed since that store last read it:
-    changes made through another store object (another process) are seen all the same."""
+    """After its first read, schedulable() reads only the rows changed since: changes made
+    through another store object (another process) are seen all the same."""
     loop, api = JobStore(store_url), JobStore(store_url)
     for job_id in ("job-1", "job-2"):
         api.add(new_job(job_id), actor="alice", reason="submitted")
@@ -137,3 +138,35 @@ def test_admission_reads_see_every_change_by_any_process(store_url: str) -> None
     assert set(again) == {"job-1", "job-2"}
     assert (again["job-1"].workers, again["job-1"].cpus) == (1, 1.0)
     assert loop.schedulable(list(ACTIVE_STATES)) == []
+
+
+def test_admission_reads_catch_late_commits_and_read_every_job_now_and_then(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its first read, schedulable() reads the rows changed since its last read, and a
+    little before (a write that took its updated_at before another's that committed first);
+    every job is read again every _FULL_READ_EVERY_S, whatever their updated_at says."""
+    loop, api = JobStore(store_url), JobStore(store_url)
+    api.add(new_job("job-1"), actor="alice", reason="submitted")
+    queued = [JobState.QUEUED]
+
+    def priority_seen() -> int:
+        (job,) = loop.schedulable(queued)
+        return job.priority
+
+    def write_late(priority: int, age: float) -> None:
+        """A change committed now whose updated_at is ``age`` overlaps before now."""
+        with api.engine.begin() as connection:
+            connection.execute(
+                update(Job)
+                .where(Job.id == "job-1")
+                .values(priority=priority, updated_at=utcnow() - age * REREAD_OVERLAP)
+            )
+
+    assert priority_seen() == 0
+    write_late(7, age=0.5)
+    assert priority_seen() == 7
+    write_late(9, age=2)
+    assert priority_seen() == 7  # too late even for the overlap: ...
+    monkeypatch.setattr(store_module, "_FULL_READ_EVERY_S", 0.0)
+    assert priority_seen() == 9  # ... until the next read of every job
