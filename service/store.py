@@ -446,7 +446,7 @@ class JobStore:
         ).where(where)
         # Plain tuples into slotted objects: the planner reads each field of 10,000 jobs
         # several times, and a SQLAlchemy Row's attribute lookup costs twice as much.
-        jobs = [(row[0], Admissible(*row[1:])) for row in connection.execute(query)]
+        jobs = [(row[0], Admissible(*row[1:])) for row in connection.execute(query).all()]
         if self.engine.dialect.name == "sqlite":  # its timestamps came as text
             for _, job in jobs:
                 job.created_at = datetime.fromisoformat(job.created_at)
