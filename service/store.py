@@ -271,8 +271,10 @@ class JobStore:
         # BEGIN and the ROLLBACK a pooled connection's transaction adds on PostgreSQL.
         self._reader = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._writer: contextlib.AbstractContextManager = contextlib.nullcontext()
-        # schedulable()'s jobs as last read, per set of states
+        # schedulable()'s jobs as last read, per set of states; the lock keeps threads that
+        # read at once (the API's sync handlers run in a pool) from updating them together
         self._schedulable: dict[frozenset[str], _Snapshot] = {}
+        self._schedulable_lock = threading.Lock()
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
             self._writer = threading.Lock()
@@ -408,23 +410,24 @@ class JobStore:
         since its last read (by ``updated_at``), and all of them again every
         ``_FULL_READ_EVERY_S``. With 10,000 queued, reading them all, or even only each one's
         ``updated_at``, was most of a decision's time."""
-        key = frozenset(str(state) for state in states)
-        snapshot = self._schedulable.get(key)
-        started, read_at = time.monotonic(), utcnow()
-        with self._reader.connect() as connection:
-            if snapshot is None or started - snapshot.full_read_at > _FULL_READ_EVERY_S:
-                rows = self._admissible(connection, Job.state.in_(sorted(key)))
-                snapshot = self._schedulable[key] = _Snapshot({}, read_at, started)
-            else:
-                since = self._as_stored(snapshot.read_at - REREAD_OVERLAP)
-                rows = self._admissible(connection, Job.updated_at >= since)
-                snapshot.read_at = read_at
-        for state, job in rows:
-            if state in key:
-                snapshot.jobs[job.id] = job
-            else:  # it left ``states``
-                snapshot.jobs.pop(job.id, None)
-        return list(snapshot.jobs.values())
+        with self._schedulable_lock:
+            key = frozenset(str(state) for state in states)
+            snapshot = self._schedulable.get(key)
+            started, read_at = time.monotonic(), utcnow()
+            with self._reader.connect() as connection:
+                if snapshot is None or started - snapshot.full_read_at > _FULL_READ_EVERY_S:
+                    rows = self._admissible(connection, Job.state.in_(sorted(key)))
+                    snapshot = self._schedulable[key] = _Snapshot({}, read_at, started)
+                else:
+                    since = self._as_stored(snapshot.read_at - REREAD_OVERLAP)
+                    rows = self._admissible(connection, Job.updated_at >= since)
+                    snapshot.read_at = read_at
+            for state, job in rows:
+                if state in key:
+                    snapshot.jobs[job.id] = job
+                else:  # it left ``states``
+                    snapshot.jobs.pop(job.id, None)
+            return list(snapshot.jobs.values())
 
     def _admissible(
         self, connection: Connection, where: ColumnElement[bool]
